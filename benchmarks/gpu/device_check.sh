@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU check of blobbench, run in one go on an offline GPU machine (../shared/device/README.md):
+# install the carried wheels, build against the machine's torch, run the CUDA tests,
+# compute-sanitizer, and the GPU benchmark. Everything lands in $OUT; a summary prints last.
+#   usage (repo root): OUT=/some/dir bash benchmarks/gpu/device_check.sh
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+log() { echo "== $(date +%T) $*"; }
+status=0
+
+log "wheels"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+log "build"
+export MAX_JOBS=16
+timeout 300 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+python3 -c "import blobbench; assert blobbench.has_cuda_kernels(), 'no CUDA kernels'; print('CUDA kernels registered')"
+
+log "tests"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests \
+  > "$OUT/pytest.log" 2>&1; rc=$?
+tail -15 "$OUT/pytest.log"; [ $rc -eq 0 ] || status=1
+
+log "compute-sanitizer"
+for tool in memcheck racecheck; do
+  timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/gpu/sanitize_cases.py \
+    > "$OUT/sanitizer_$tool.log" 2>&1; rc=$?
+  echo "$tool exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+  [ $rc -eq 0 ] || status=1
+done
+
+log "benchmark"
+timeout 200 python3 benchmarks/gpu/gpu_bench.py --out "$OUT/gpu_bench.json" --reps 30 > "$OUT/bench.log" 2>&1 || status=1
+tail -8 "$OUT/bench.log"
+log "done (status $status)"
+exit $status

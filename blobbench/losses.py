@@ -1,0 +1,186 @@
+"""User-facing blob losses: functional forms and ``nn.Module`` wrappers of the fused operators.
+
+Blob loss (Kofler et al., "blob loss: instance imbalance aware loss functions for semantic
+segmentation", arXiv 2205.08209) adds to a global loss one term per connected component
+("blob") of the ground truth, computed with every *other* blob masked out (paper Eq. 1):
+
+    L = alpha * L_global + beta * L_blob                                      (paper Eq. 2)
+
+    L_blob = mean over batch elements with instances of
+             mean over channels with instances of
+             mean over the channel's instances k of  loss(p on Omega_k, [l == k])  (Eq. 1, 3)
+
+where Omega_k is every voxel except those of the other instances of the same channel. The fused
+operators compute all instance terms in one pass over the voxels (``torch.ops.blob.dice`` /
+``torch.ops.blob.tversky``), so the cost no longer grows with the number of instances.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _ops  # noqa: F401  (registers the operators)
+
+__all__ = ["blob_dice", "blob_tversky", "BlobDiceLoss", "BlobTverskyLoss"]
+
+
+def _max_label_arg(max_label):
+    if max_label is None:
+        return -1
+    if isinstance(max_label, bool) or not isinstance(max_label, int) or max_label < 0:
+        raise ValueError(f"max_label must be None or an int >= 0, got {max_label!r}")
+    return max_label
+
+
+def blob_dice(
+    input: torch.Tensor,
+    instances: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    *,
+    activation: str = "sigmoid",
+    masking: str = "paper",
+    squared_pred: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    max_label: int | None = None,
+) -> torch.Tensor:
+    """Blob Dice loss ``alpha * L_global + beta * L_blob`` in one fused pass.
+
+    Args:
+        input: ``Tensor[B, C, *spatial]`` (1 to 3 spatial dims), float16/bfloat16/float32/float64:
+            logits for ``activation="sigmoid"`` or ``"softmax"``, probabilities for ``"none"``.
+        instances: ``Tensor[B, C, *spatial]``, uint8/int16/int32/int64 instance ids per channel:
+            0 is background, k > 0 is instance k of that channel (ids need not be contiguous;
+            see :func:`blobbench.label_instances`). With ``activation="softmax"`` channel 0 is the
+            background class: its target is "no instance in any other channel" and
+            ``instances[:, 0]`` is not read.
+        alpha: weight of the global Dice term (paper: 2).
+        beta: weight of the blob term (paper: 1).
+        activation: ``"sigmoid"`` (default), ``"softmax"`` (over C) or ``"none"``.
+        masking: ``"paper"`` (voxels of other instances are left out, paper Eq. 1) or
+            ``"official"`` (as the paper's published code: other instances enter as logit 0,
+            i.e. p = 0.5 with target 0 and no gradient; sigmoid or none only).
+        squared_pred: use ``p**2`` in the denominators (MONAI ``squared_pred``).
+        smooth_nr, smooth_dr: MONAI's smoothing constants of numerator and denominator.
+        max_label: an upper bound on the ids. Given, the op needs no device-to-host sync (on CUDA
+            it is capturable in a CUDA graph; ids above it make the loss NaN there, and raise on
+            the CPU). ``None`` finds the range with one reduction.
+
+    Returns:
+        A 0-dim tensor of ``input``'s dtype. Each Dice term is MONAI's
+        ``1 - (2 sum(p g) + smooth_nr) / (sum(p^q) + sum(g) + smooth_dr)``; the global term is the
+        mean over (b, c) (``DiceLoss(include_background=True)``).
+
+    Example:
+        >>> logits = torch.randn(2, 1, 16, 32, 32, requires_grad=True)
+        >>> instances = torch.zeros(2, 1, 16, 32, 32, dtype=torch.int32)
+        >>> instances[0, 0, 2:5, 3:9, 3:9] = 1; instances[0, 0, 10:12, 20:25, 5:8] = 2
+        >>> loss = blob_dice(logits, instances)
+        >>> loss.backward()
+    """
+    # blob::dice_forward rather than the composite blob::dice: under torch.compile its extra
+    # outputs (whose size depends on the label range) must stay visible to the tracer.
+    return torch.ops.blob.dice_forward(
+        input, instances, float(alpha), float(beta), activation, masking, bool(squared_pred),
+        float(smooth_nr), float(smooth_dr), _max_label_arg(max_label))[0]
+
+
+def blob_tversky(
+    input: torch.Tensor,
+    instances: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    *,
+    fp_weight: float = 0.3,
+    fn_weight: float = 0.7,
+    activation: str = "sigmoid",
+    masking: str = "paper",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    max_label: int | None = None,
+) -> torch.Tensor:
+    """Blob Tversky loss ``alpha * L_global + beta * L_blob`` (the paper's "blob tversky").
+
+    Each term is MONAI's ``TverskyLoss``:
+    ``1 - (tp + smooth_nr) / (tp + fp_weight * fp + fn_weight * fn + smooth_dr)``.
+    ``fp_weight`` / ``fn_weight`` are MONAI's ``alpha`` / ``beta`` of Tversky (paper: 0.3 / 0.7),
+    renamed so they cannot be confused with ``alpha`` / ``beta`` of blob loss (global / blob
+    weights). Shapes, activations, masking and ``max_label`` are as in :func:`blob_dice`.
+    """
+    return torch.ops.blob.tversky_forward(
+        input, instances, float(alpha), float(beta), activation, masking, float(fp_weight),
+        float(fn_weight), float(smooth_nr), float(smooth_dr), _max_label_arg(max_label))[0]
+
+
+_ACTIVATIONS = ("sigmoid", "softmax", "none")
+_MASKINGS = ("paper", "official")
+
+
+def _check_options(activation, masking):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if masking not in _MASKINGS:
+        raise ValueError(f"masking must be one of {_MASKINGS}, got {masking!r}")
+    if masking == "official" and activation == "softmax":
+        raise ValueError('masking="official" is only defined for activation "sigmoid" or "none"')
+
+
+class BlobDiceLoss(nn.Module):
+    """Blob Dice loss (Kofler et al. 2022, Eq. 1-3) as a module; see :func:`blob_dice`.
+
+    Args are those of :func:`blob_dice`; ``forward(input, instances)`` takes
+    ``input: Tensor[B, C, *spatial]`` (logits) and ``instances: Tensor[B, C, *spatial]`` (ids).
+
+    Example:
+        >>> loss_fn = BlobDiceLoss(alpha=2.0, beta=1.0)
+        >>> loss = loss_fn(logits, instances)
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, *, activation: str = "sigmoid",
+                 masking: str = "paper", squared_pred: bool = False, smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5, max_label: int | None = None):
+        super().__init__()
+        _check_options(activation, masking)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.activation, self.masking = activation, masking
+        self.squared_pred = bool(squared_pred)
+        self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
+        self.max_label = max_label
+        _max_label_arg(max_label)
+
+    def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
+        return blob_dice(input, instances, self.alpha, self.beta, activation=self.activation,
+                         masking=self.masking, squared_pred=self.squared_pred,
+                         smooth_nr=self.smooth_nr, smooth_dr=self.smooth_dr,
+                         max_label=self.max_label)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, activation={self.activation!r}, "
+                f"masking={self.masking!r}, squared_pred={self.squared_pred}")
+
+
+class BlobTverskyLoss(nn.Module):
+    """Blob Tversky loss as a module; see :func:`blob_tversky` (paper defaults 0.3 / 0.7)."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, *, fp_weight: float = 0.3,
+                 fn_weight: float = 0.7, activation: str = "sigmoid", masking: str = "paper",
+                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, max_label: int | None = None):
+        super().__init__()
+        _check_options(activation, masking)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.fp_weight, self.fn_weight = float(fp_weight), float(fn_weight)
+        self.activation, self.masking = activation, masking
+        self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
+        self.max_label = max_label
+        _max_label_arg(max_label)
+
+    def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
+        return blob_tversky(input, instances, self.alpha, self.beta, fp_weight=self.fp_weight,
+                            fn_weight=self.fn_weight, activation=self.activation,
+                            masking=self.masking, smooth_nr=self.smooth_nr,
+                            smooth_dr=self.smooth_dr, max_label=self.max_label)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, fp_weight={self.fp_weight}, "
+                f"fn_weight={self.fn_weight}, activation={self.activation!r}, masking={self.masking!r}")

@@ -1,0 +1,237 @@
+"""Reference implementations of blob loss: the oracle and the baseline of the fused operators.
+
+* :func:`naive_blob_loss` is the paper's loop: for each batch element, channel and instance it
+  builds a mask, multiplies the network output by it and calls the base criterion again, so
+  time and autograd memory grow as O(N * V). It works with *any* criterion (the paper's point:
+  "convert any loss"); :func:`naive_blob_dice` / :func:`naive_blob_tversky` use MONAI's
+  ``DiceLoss`` / ``TverskyLoss`` and are the ground truth of the tests.
+* :func:`vectorized_blob_loss` is the closed form of DESIGN.md section 3 in plain PyTorch
+  (``index_add`` of per-label sums, autograd for the backward): what a strong user would write
+  without our kernels, and the baseline the fused op must beat.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "naive_blob_loss",
+    "naive_blob_dice",
+    "naive_blob_tversky",
+    "vectorized_blob_loss",
+    "global_targets",
+]
+
+
+def _activate(input: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "sigmoid":
+        return torch.sigmoid(input)
+    if activation == "softmax":
+        return torch.softmax(input, dim=1)
+    if activation == "none":
+        return input
+    raise ValueError(f"activation must be 'sigmoid', 'softmax' or 'none', got {activation!r}")
+
+
+def _check_masking(masking: str, activation: str) -> None:
+    if masking not in ("paper", "official"):
+        raise ValueError(f"masking must be 'paper' or 'official', got {masking!r}")
+    if masking == "official" and activation == "softmax":
+        raise ValueError('masking="official" is only defined for activation "sigmoid" or "none"')
+
+
+def global_targets(instances: torch.Tensor, activation: str, dtype: torch.dtype) -> torch.Tensor:
+    """Binary targets of the global term, ``Tensor[B, C, *spatial]``.
+
+    ``[l > 0]`` per channel; with softmax, channel 0 (the background class) is "no instance in
+    any other channel".
+    """
+    target = (instances > 0).to(dtype)
+    if activation == "softmax":
+        target[:, 0] = (instances[:, 1:] == 0).all(dim=1).to(dtype)
+    return target
+
+
+def naive_blob_loss(
+    input: torch.Tensor,
+    instances: torch.Tensor,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    activation: str = "sigmoid",
+    masking: str = "paper",
+) -> torch.Tensor:
+    """The blob term L_blob of the paper, computed with its loop (paper Eq. 1 and 3).
+
+    Args:
+        input: ``Tensor[B, C, *spatial]`` logits (``"sigmoid"``, ``"softmax"``) or probabilities.
+        instances: ``Tensor[B, C, *spatial]`` integer instance ids (0 = background).
+        criterion: any loss ``criterion(prediction[1, 1, *spatial], target[1, 1, *spatial])``.
+            With ``masking="paper"`` it receives probabilities with the other instances set to 0
+            (they contribute nothing to sums of p and g), so it must not apply an activation.
+            With ``masking="official"`` it receives ``input * mask`` (the published code: masked
+            logits are 0, i.e. p = 0.5) and must apply the sigmoid itself.
+        activation: ``"sigmoid"``, ``"softmax"`` (channel 0 has no blob term) or ``"none"``.
+        masking: ``"paper"`` or ``"official"``.
+
+    Returns:
+        Mean over batch elements with instances of the mean over their channels with instances
+        of the mean over instances of ``criterion``; 0 (with zero gradient) without instances.
+    """
+    _check_masking(masking, activation)
+    probs = _activate(input, activation) if masking == "paper" else input
+    first_channel = 1 if activation == "softmax" else 0
+    element_losses = []
+    for b in range(input.shape[0]):
+        channel_losses = []
+        for c in range(first_channel, input.shape[1]):
+            label = instances[b:b + 1, c:c + 1]
+            ids = torch.unique(label)
+            ids = ids[ids > 0]
+            if ids.numel() == 0:
+                continue
+            losses = []
+            for k in ids:
+                mask = (label == 0) | (label == k)
+                target = (label == k).to(input.dtype)
+                losses.append(criterion(probs[b:b + 1, c:c + 1] * mask, target))
+            channel_losses.append(sum(losses) / len(losses))
+        if channel_losses:
+            element_losses.append(sum(channel_losses) / len(channel_losses))
+    if not element_losses:
+        return input.sum() * 0.0
+    return sum(element_losses) / len(element_losses)
+
+
+def _naive_total(input, instances, make_loss, alpha, beta, activation, masking):
+    _check_masking(masking, activation)
+    probs = _activate(input, activation)
+    global_loss = make_loss(False)(probs, global_targets(instances, activation, input.dtype))
+    # Official masking applies the sigmoid inside the criterion, to the masked logits.
+    own_sigmoid = masking == "official" and activation == "sigmoid"
+    blob_loss = naive_blob_loss(input, instances, make_loss(own_sigmoid), activation=activation,
+                                masking=masking)
+    return alpha * global_loss + beta * blob_loss
+
+
+def naive_blob_dice(
+    input: torch.Tensor,
+    instances: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    *,
+    activation: str = "sigmoid",
+    masking: str = "paper",
+    squared_pred: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+) -> torch.Tensor:
+    """Blob Dice with the paper's loop and MONAI's ``DiceLoss``: the oracle of ``blob_dice``.
+
+    Global term: ``DiceLoss(include_background=True)`` on all (b, c); blob term:
+    :func:`naive_blob_loss` with ``DiceLoss`` per instance. Arguments as in
+    :func:`blobbench.blob_dice`.
+    """
+    from monai.losses import DiceLoss
+
+    def make(own_sigmoid):
+        return DiceLoss(include_background=True, sigmoid=own_sigmoid, squared_pred=squared_pred,
+                        smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+
+    return _naive_total(input, instances, make, alpha, beta, activation, masking)
+
+
+def naive_blob_tversky(
+    input: torch.Tensor,
+    instances: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    *,
+    fp_weight: float = 0.3,
+    fn_weight: float = 0.7,
+    activation: str = "sigmoid",
+    masking: str = "paper",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+) -> torch.Tensor:
+    """Blob Tversky with the paper's loop and MONAI's ``TverskyLoss`` (its alpha, beta =
+    ``fp_weight``, ``fn_weight``): the oracle of ``blob_tversky``."""
+    from monai.losses import TverskyLoss
+
+    def make(own_sigmoid):
+        return TverskyLoss(include_background=True, sigmoid=own_sigmoid, alpha=fp_weight,
+                           beta=fn_weight, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+
+    return _naive_total(input, instances, make, alpha, beta, activation, masking)
+
+
+def _region(kind, s_t, n_t, p_dom, s_nont, masked, smooth_nr, smooth_dr, fp_weight, fn_weight):
+    if kind == "dice":
+        return 1 - (2 * s_t + smooth_nr) / (p_dom + masked + n_t + smooth_dr)
+    tp, fp, fn = s_t, s_nont + masked, n_t - s_t
+    return 1 - (tp + smooth_nr) / (tp + fp_weight * fp + fn_weight * fn + smooth_dr)
+
+
+def vectorized_blob_loss(
+    input: torch.Tensor,
+    instances: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    *,
+    loss: str = "dice",
+    activation: str = "sigmoid",
+    masking: str = "paper",
+    squared_pred: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    fp_weight: float = 0.3,
+    fn_weight: float = 0.7,
+) -> torch.Tensor:
+    """Blob loss from per-label sums in plain PyTorch (``index_add``), autograd for the backward.
+
+    Same arguments and result as :func:`blobbench.blob_dice` (``loss="dice"``) or
+    :func:`blobbench.blob_tversky` (``loss="tversky"``). Costs one sync (the label range) and
+    O(B * C * K) memory for the tables besides the autograd buffers of the activation.
+    """
+    _check_masking(masking, activation)
+    if loss not in ("dice", "tversky"):
+        raise ValueError(f"loss must be 'dice' or 'tversky', got {loss!r}")
+    B, C = input.shape[:2]
+    p = _activate(input, activation).reshape(B, C, -1)
+    labels = instances.reshape(B, C, -1).long()
+    if activation == "softmax":
+        labels = labels.clone()
+        labels[:, 0] = (labels[:, 1:] == 0).all(dim=1).long()
+    K = max(int(labels.max()) + 1, 2)
+    if K > 4 * labels.numel():  # sparse, huge ids: compact them (0 stays 0)
+        ids, inverse = torch.unique(torch.cat([labels.new_zeros(1), labels.reshape(-1)]),
+                                    return_inverse=True)
+        labels, K = inverse[1:].view_as(labels), max(ids.numel(), 2)
+    offsets = (torch.arange(B * C, device=input.device) * K).view(B, C, 1)
+    index = (labels + offsets).reshape(-1)
+    acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    pf = p.reshape(-1).to(acc_dtype)
+    S = torch.zeros(B * C * K, dtype=acc_dtype, device=input.device).index_add_(0, index, pf)
+    squared = squared_pred and loss == "dice"
+    P = (torch.zeros_like(S).index_add_(0, index, pf * pf) if squared else S)
+    N = torch.bincount(index, minlength=B * C * K).to(acc_dtype)
+    S, P, N = (t.view(B, C, K) for t in (S, P, N))
+
+    args = (smooth_nr, smooth_dr, fp_weight, fn_weight)
+    s_fg, n_fg = S[..., 1:].sum(-1), N[..., 1:].sum(-1)
+    global_loss = _region(loss, s_fg, n_fg, P.sum(-1), S[..., 0], 0.0, *args)
+    mass = (0.25 if squared else 0.5) if (masking == "official" and activation == "sigmoid") else 0.0
+    blob = _region(loss, S[..., 1:], N[..., 1:], P[..., :1] + P[..., 1:], S[..., :1],
+                   mass * (n_fg.unsqueeze(-1) - N[..., 1:]), *args)
+    present = N[..., 1:] > 0
+    if activation == "softmax":
+        present[:, 0] = False
+    n_inst = present.sum(-1)
+    plane_mean = torch.where(present, blob, 0).sum(-1) / n_inst.clamp(min=1)
+    has = n_inst > 0
+    n_ch = has.sum(1)
+    element_mean = torch.where(has, plane_mean, 0).sum(1) / n_ch.clamp(min=1)
+    has_b = n_ch > 0
+    blob_loss = torch.where(has_b, element_mean, 0).sum() / has_b.sum().clamp(min=1)
+    total = alpha * global_loss.mean() + beta * blob_loss
+    return total.to(input.dtype)

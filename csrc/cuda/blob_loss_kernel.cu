@@ -1,0 +1,668 @@
+// CUDA kernels of the blob loss operators.
+//
+// Forward (accumulate): one pass over the voxels. Each warp walks tiles of 256 voxels of one
+// plane (lane L reads voxels base + 32 j + L, j < 8: every load is coalesced). Background
+// voxels are summed in registers. A lane aggregates a run of equal non-zero labels and flushes
+// it only when its label changes; a flush is warp-cooperative: the lanes flushing the same
+// label are summed with a fixed xor-butterfly and one leader lane adds the sum to the warp's
+// private table in shared memory. No atomics touch a hot bin and the order of every addition
+// is fixed, so the result is bitwise reproducible. At the end of the block the 8 warp tables
+// are merged in warp order into one partial row per block, and a small kernel sums the rows
+// of each plane in block order, in double. Label ranges too large for shared memory use
+// per-warp rows in global memory when deterministic algorithms are requested, else double
+// atomics into the table (only at run flushes).
+//
+// Finalise: per-plane block reductions, one thread combining the planes (paper Eq. 2, 3),
+// and one thread per label writing its coefficients; all formulas come from
+// blob_loss_math.h, the header the CPU kernel uses. With max_label given nothing here syncs
+// with the host; an id outside [0, max_label] sets a device flag that makes loss and gradient
+// NaN.
+//
+// Backward: one pass, grad = grad_out * (a[l] + b[l] dpow(p)) * act'(x), with the plane's
+// (a, b) table staged in shared memory. Softmax needs the per-voxel channel sum
+// sum_j p_j dL/dp_j: its voxels re-read the C channels of a position from L1/L2.
+#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "../blob_ops.h"
+
+namespace blob {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kItems = 8;  // voxels per lane per tile
+constexpr int kTile = 32 * kItems;
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// Where a warp's flushes go: its own K x 3 table (in shared memory, or a row of global memory
+// in deterministic mode for large label ranges), or double atomics into the plane's table.
+template <typename acc_t>
+struct WarpTable {
+  acc_t* rows;
+  double* stats;
+  bool atomics;
+  __device__ __forceinline__ void add(int64_t key, acc_t s, acc_t q, acc_t n) const {
+    if (atomics) {
+      atomicAdd(stats + key * kNumStats + 0, double(s));
+      atomicAdd(stats + key * kNumStats + 1, double(q));
+      atomicAdd(stats + key * kNumStats + 2, double(n));
+    } else {
+      acc_t* e = rows + key * kNumStats;
+      e[0] += s;
+      e[1] += q;
+      e[2] += n;
+    }
+  }
+};
+
+__device__ __forceinline__ float act_exp(float x) { return expf(x); }
+__device__ __forceinline__ double act_exp(double x) { return exp(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t activate(acc_t x, int32_t act) {
+  return act == kSigmoid ? acc_t(1) / (acc_t(1) + act_exp(-x)) : x;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  return v;
+}
+
+// Warp-cooperative flush of the runs of the lanes with `pred`: the lanes flushing the same key
+// are summed with a fixed butterfly and their lowest lane writes. All lanes must call it.
+template <typename acc_t>
+__device__ __forceinline__ void warp_flush(bool pred, int64_t key, acc_t s, acc_t q, acc_t n,
+                                           const WarpTable<acc_t>& table) {
+  const int lane = threadIdx.x & 31;
+  unsigned pending = __ballot_sync(kFull, pred);
+  while (pending) {
+    const int leader = __ffs(pending) - 1;
+    const int64_t group = __shfl_sync(kFull, key, leader);
+    const bool in = pred && key == group;
+    const acc_t gs = warp_sum<acc_t>(in ? s : acc_t(0));
+    const acc_t gq = warp_sum<acc_t>(in ? q : acc_t(0));
+    const acc_t gn = warp_sum<acc_t>(in ? n : acc_t(0));
+    if (lane == leader) table.add(group, gs, gq, gn);
+    __syncwarp();
+    pending &= ~__ballot_sync(kFull, in);
+  }
+}
+
+// A lane's current run of equal keys.
+template <typename acc_t>
+struct Run {
+  int64_t key = -1;
+  acc_t s = 0, q = 0, n = 0;
+
+  // Adds one voxel (or nothing when !valid); flushes the run when the key changes.
+  __device__ __forceinline__ void push(bool valid, int64_t k, acc_t p, acc_t pq,
+                                       const WarpTable<acc_t>& table) {
+    const bool change = valid && k != key;
+    warp_flush<acc_t>(change && n > acc_t(0), key, s, q, n, table);
+    if (change) {
+      key = k;
+      s = q = n = acc_t(0);
+    }
+    if (valid) {
+      s += p;
+      q += pq;
+      n += acc_t(1);
+    }
+  }
+
+  __device__ __forceinline__ void close(const WarpTable<acc_t>& table) {
+    warp_flush<acc_t>(n > acc_t(0), key, s, q, n, table);
+    s = q = n = acc_t(0);
+  }
+};
+
+// Where a block's tables live.
+struct TableArgs {
+  void* partial;            // shared mode: one row per block; global rows: one row per warp
+  double* stats;            // (planes, entries) float64, atomics mode
+  int64_t entries;          // table entries of one plane (softmax: C * K * 3)
+  bool atomics;
+};
+
+template <typename acc_t, bool SHARED>
+__device__ __forceinline__ WarpTable<acc_t> open_tables(acc_t* smem, const TableArgs& ta,
+                                                       int64_t plane) {
+  const int warp = threadIdx.x >> 5;
+  WarpTable<acc_t> t;
+  t.atomics = false;
+  t.stats = nullptr;
+  if (SHARED) {
+    for (int64_t i = threadIdx.x; i < kWarps * ta.entries; i += blockDim.x) smem[i] = acc_t(0);
+    __syncthreads();
+    t.rows = smem + warp * ta.entries;
+  } else if (ta.atomics) {
+    t.rows = nullptr;
+    t.atomics = true;
+    t.stats = ta.stats + plane * ta.entries;
+  } else {
+    const int64_t warps_per_plane = int64_t(gridDim.x) * kWarps;
+    const int64_t row = plane * warps_per_plane + int64_t(blockIdx.x) * kWarps + warp;
+    t.rows = static_cast<acc_t*>(ta.partial) + row * ta.entries;
+  }
+  return t;
+}
+
+// Shared mode: merge the warp tables, in warp order, into the block's partial row.
+template <typename acc_t, bool SHARED>
+__device__ __forceinline__ void close_tables(const acc_t* smem, const TableArgs& ta,
+                                             int64_t plane) {
+  if (!SHARED) return;
+  __syncthreads();
+  acc_t* row = static_cast<acc_t*>(ta.partial) + (plane * gridDim.x + blockIdx.x) * ta.entries;
+  for (int64_t i = threadIdx.x; i < ta.entries; i += blockDim.x) {
+    acc_t v = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += smem[w * ta.entries + i];
+    row[i] = v;
+  }
+}
+
+__device__ __forceinline__ bool label_ok(int64_t k, int64_t K) { return k >= 0 && k < K; }
+
+// Sigmoid / none. Grid (blocks per plane, B * C).
+template <typename scalar_t, typename label_t, bool SHARED>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_elementwise_kernel(const scalar_t* __restrict__ x,
+                                  const label_t* __restrict__ labels, int64_t V, int64_t K,
+                                  int32_t act, bool squared, TableArgs ta, int* invalid) {
+  using acc_t = typename AccType<scalar_t>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t plane = blockIdx.y;
+  const int lane = threadIdx.x & 31;
+  const WarpTable<acc_t> table = open_tables<acc_t, SHARED>(smem, ta, plane);
+  const scalar_t* xp = x + plane * V;
+  const label_t* lp = labels + plane * V;
+  const int64_t warp_in_plane = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t stride = int64_t(gridDim.x) * kWarps * kTile;
+
+  Run<acc_t> run;
+  acc_t bg_s = 0, bg_q = 0;
+  uint32_t bg_n = 0;
+  bool bad = false;
+  for (int64_t base = warp_in_plane * kTile; base < V; base += stride) {
+    scalar_t xv[kItems];
+    label_t lv[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t i = base + j * 32 + lane;
+      if (i < V) {
+        xv[j] = xp[i];
+        lv[j] = lp[i];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      bool valid = base + j * 32 + lane < V;
+      const int64_t k = valid ? int64_t(lv[j]) : 0;
+      if (valid && !label_ok(k, K)) {
+        bad = true;
+        valid = false;
+      }
+      const acc_t p = valid ? activate<acc_t>(acc_t(xv[j]), act) : acc_t(0);
+      const acc_t pq = squared ? p * p : p;
+      const bool background = valid && k == 0;
+      if (background) {  // in registers: never a flush, never an atomic
+        bg_s += p;
+        bg_q += pq;
+        ++bg_n;
+      }
+      run.push(valid && !background, k, p, pq, table);
+    }
+  }
+  run.close(table);
+  bg_s = warp_sum<acc_t>(bg_s);
+  bg_q = warp_sum<acc_t>(bg_q);
+  const acc_t bg_nf = warp_sum<acc_t>(acc_t(bg_n));
+  if (lane == 0 && bg_nf > acc_t(0)) table.add(0, bg_s, bg_q, bg_nf);
+  if (bad) atomicExch(invalid, 1);
+  close_tables<acc_t, SHARED>(smem, ta, plane);
+}
+
+// Softmax over C. Grid (blocks per batch element, B); a table row holds all C channels, keyed
+// c * K + k. Channel 0's label is derived: 1 where no other channel has an instance.
+template <typename scalar_t, typename label_t, bool SHARED>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_softmax_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ labels,
+                              int64_t C, int64_t V, int64_t K, bool squared, TableArgs ta,
+                              int* invalid) {
+  using acc_t = typename AccType<scalar_t>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t b = blockIdx.y;
+  const int lane = threadIdx.x & 31;
+  const WarpTable<acc_t> table = open_tables<acc_t, SHARED>(smem, ta, b);
+  const scalar_t* xb = x + b * C * V;
+  const label_t* lb = labels + b * C * V;
+  const int64_t warp_in_plane = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t stride = int64_t(gridDim.x) * kWarps * kTile;
+
+  Run<acc_t> run;
+  bool bad = false;
+  for (int64_t base = warp_in_plane * kTile; base < V; base += stride) {
+    acc_t mx[kItems], z[kItems];
+    bool any[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t i = base + j * 32 + lane;
+      mx[j] = -INFINITY;
+      z[j] = 0;
+      any[j] = false;
+      if (i < V) {
+        for (int64_t c = 0; c < C; ++c) {  // online max and sum
+          const acc_t v = acc_t(xb[c * V + i]);
+          const acc_t m = v > mx[j] ? v : mx[j];
+          z[j] = z[j] * act_exp(mx[j] - m) + act_exp(v - m);
+          mx[j] = m;
+        }
+      }
+    }
+    for (int64_t cc = 1; cc <= C; ++cc) {
+      const int64_t c = cc == C ? 0 : cc;  // channels 1..C-1 first, then the derived channel 0
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        const int64_t i = base + j * 32 + lane;
+        bool valid = i < V;
+        int64_t k = 0;
+        acc_t p = 0;
+        if (valid) {
+          if (c == 0) {
+            k = any[j] ? 0 : 1;
+          } else {
+            k = int64_t(lb[c * V + i]);
+            if (!label_ok(k, K)) {
+              bad = true;
+              valid = false;
+            }
+            any[j] = any[j] || k != 0;
+          }
+          p = act_exp(acc_t(xb[c * V + i]) - mx[j]) / z[j];
+        }
+        run.push(valid, c * K + k, p, squared ? p * p : p, table);
+      }
+    }
+  }
+  run.close(table);
+  if (bad) atomicExch(invalid, 1);
+  close_tables<acc_t, SHARED>(smem, ta, b);
+}
+
+// Sums the partial rows of each plane in row order: stats[plane][e] = sum_r partial[plane][r][e].
+template <typename acc_t>
+__global__ void reduce_rows_kernel(const acc_t* __restrict__ partial, int64_t planes,
+                                   int64_t rows, int64_t entries, double* __restrict__ stats) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= planes * entries) return;
+  const int64_t plane = i / entries, e = i % entries;
+  const acc_t* src = partial + plane * rows * entries + e;
+  double v = 0.0;
+  for (int64_t r = 0; r < rows; ++r) v += double(src[r * entries]);
+  stats[i] = v;
+}
+
+// ---- finalisation -------------------------------------------------------------------------
+
+constexpr int kReduceThreads = 256;
+
+// Fixed-order block reduction of N doubles per thread; the result is in vals of thread 0.
+template <int N>
+__device__ void block_reduce(double (&vals)[N], double (*buf)[N]) {
+  for (int i = 0; i < N; ++i) buf[threadIdx.x][i] = vals[i];
+  __syncthreads();
+  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half)
+      for (int i = 0; i < N; ++i) buf[threadIdx.x][i] += buf[threadIdx.x + half][i];
+    __syncthreads();
+  }
+  for (int i = 0; i < N; ++i) vals[i] = buf[0][i];
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kReduceThreads)
+    plane_summary_kernel(const double* __restrict__ stats, int64_t C, int64_t K, LossParams prm,
+                         PlaneResult* __restrict__ out) {
+  __shared__ double buf[kReduceThreads][4];
+  const int64_t plane = blockIdx.x;
+  const double* st = stats + plane * K * kNumStats;
+  PlaneTotals t{0, 0, 0, 0};
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) add_to_totals(t, k, st + k * kNumStats);
+  double tv[4] = {t.s_all, t.p_all, t.s_fg, t.n_fg};
+  block_reduce<4>(tv, buf);
+  t = PlaneTotals{tv[0], tv[1], tv[2], tv[3]};
+  PlaneBlob pb{0, 0, 0, 0};
+  const bool has_blob_term = !(prm.activation == kSoftmax && plane % C == 0);
+  if (has_blob_term) {
+    for (int64_t k = 1 + threadIdx.x; k < K; k += blockDim.x)
+      if (st[k * kNumStats + 2] > 0.0) add_blob(pb, blob_term(t, st, st + k * kNumStats, prm));
+  }
+  double bv[4] = {pb.loss_sum, pb.count, pb.bg_lin, pb.bg_pow};
+  block_reduce<4>(bv, buf);
+  if (threadIdx.x == 0) {
+    PlaneResult r;
+    r.totals = t;
+    r.global_loss = global_term(t, st, prm).loss;
+    r.blob = PlaneBlob{bv[0], bv[1], bv[2], bv[3]};
+    out[plane] = r;
+  }
+}
+
+__global__ void combine_kernel(const PlaneResult* __restrict__ pr, int64_t B, int64_t C,
+                               LossParams prm, const int* __restrict__ invalid,
+                               double* __restrict__ w_blob, double* __restrict__ w_global,
+                               double* __restrict__ loss) {
+  const double l = combine_planes(pr, B, C, prm, w_blob, w_global);
+  *loss = *invalid ? NAN : l;
+}
+
+__global__ void coef_kernel(const double* __restrict__ stats, const PlaneResult* __restrict__ pr,
+                            const double* __restrict__ w_blob, const double* __restrict__ w_global,
+                            const int* __restrict__ invalid, int64_t planes, int64_t K,
+                            LossParams prm, double* __restrict__ coef) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= planes * K) return;
+  const int64_t plane = i / K, k = i % K;
+  const double* st = stats + plane * K * kNumStats;
+  label_coef(k, st, st + k * kNumStats, pr[plane].totals, pr[plane].blob, *w_global,
+             w_blob[plane], prm, coef + i * kNumCoef);
+  if (*invalid) coef[i * kNumCoef] = coef[i * kNumCoef + 1] = NAN;
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+constexpr int64_t kCoefSmemBytes = 48 * 1024;
+
+template <typename acc_t>
+__device__ __forceinline__ void load_coef(const double* __restrict__ coef, int64_t n, bool staged,
+                                          acc_t* smem) {
+  if (staged) {
+    for (int64_t i = threadIdx.x; i < n * kNumCoef; i += blockDim.x) smem[i] = acc_t(coef[i]);
+  }
+  __syncthreads();
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void coef_of(const double* __restrict__ coef, const acc_t* smem,
+                                        bool staged, int64_t key, acc_t& a, acc_t& b) {
+  if (staged) {
+    a = smem[key * kNumCoef];
+    b = smem[key * kNumCoef + 1];
+  } else {
+    a = acc_t(coef[key * kNumCoef]);
+    b = acc_t(coef[key * kNumCoef + 1]);
+  }
+}
+
+// Sigmoid / none. Grid (blocks per plane, B * C).
+template <typename scalar_t, typename label_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_elementwise_kernel(const double* __restrict__ grad_out,
+                                const scalar_t* __restrict__ x,
+                                const label_t* __restrict__ labels,
+                                const double* __restrict__ coef, int64_t V, int64_t K,
+                                int32_t act, bool squared, bool staged,
+                                scalar_t* __restrict__ grad_x) {
+  using acc_t = typename AccType<scalar_t>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* cs = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t plane = blockIdx.y;
+  const double* cp = coef + plane * K * kNumCoef;
+  load_coef<acc_t>(cp, K, staged, cs);
+  const acc_t go = acc_t(*grad_out);
+  const scalar_t* xp = x + plane * V;
+  const label_t* lp = labels + plane * V;
+  scalar_t* gp = grad_x + plane * V;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x * kItems;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x * kItems + threadIdx.x; base < V;
+       base += stride) {
+    scalar_t xv[kItems];
+    label_t lv[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t i = base + int64_t(j) * blockDim.x;
+      if (i < V) {
+        xv[j] = xp[i];
+        lv[j] = lp[i];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t i = base + int64_t(j) * blockDim.x;
+      if (i < V) {
+        const int64_t k = int64_t(lv[j]);
+        acc_t a = NAN, bb = NAN;
+        if (label_ok(k, K)) coef_of<acc_t>(cp, cs, staged, k, a, bb);
+        const acc_t p = activate<acc_t>(acc_t(xv[j]), act);
+        gp[i] = scalar_t(go * grad_wrt_p(p, a, bb, squared) * elementwise_act_grad(p, act));
+      }
+    }
+  }
+}
+
+// Softmax. Grid (blocks per batch element, B). Per position: the channel max and sum, the
+// per-channel dL/dp, their p-weighted sum, then the gradient of every channel.
+template <typename scalar_t, typename label_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_softmax_kernel(const double* __restrict__ grad_out, const scalar_t* __restrict__ x,
+                            const label_t* __restrict__ labels, const double* __restrict__ coef,
+                            int64_t C, int64_t V, int64_t K, bool squared, bool staged,
+                            scalar_t* __restrict__ grad_x) {
+  using acc_t = typename AccType<scalar_t>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* cs = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t b = blockIdx.y;
+  const double* cb = coef + b * C * K * kNumCoef;
+  load_coef<acc_t>(cb, C * K, staged, cs);
+  const acc_t go = acc_t(*grad_out);
+  const scalar_t* xb = x + b * C * V;
+  const label_t* lb = labels + b * C * V;
+  scalar_t* gb = grad_x + b * C * V;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < V; i += stride) {
+    acc_t mx = -INFINITY, z = 0;
+    bool any = false;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = acc_t(xb[c * V + i]);
+      const acc_t m = v > mx ? v : mx;
+      z = z * act_exp(mx - m) + act_exp(v - m);
+      mx = m;
+      if (c > 0) any = any || lb[c * V + i] != 0;
+    }
+    const acc_t inv_z = acc_t(1) / z;
+    // dL/dp_c for every channel, and sum_c p_c dL/dp_c.
+    acc_t dot = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t k = c == 0 ? (any ? 0 : 1) : int64_t(lb[c * V + i]);
+      acc_t a = NAN, bb = NAN;
+      if (label_ok(k, K)) coef_of<acc_t>(cb, cs, staged, c * K + k, a, bb);
+      const acc_t p = act_exp(acc_t(xb[c * V + i]) - mx) * inv_z;
+      dot += p * grad_wrt_p(p, a, bb, squared);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t k = c == 0 ? (any ? 0 : 1) : int64_t(lb[c * V + i]);
+      acc_t a = NAN, bb = NAN;
+      if (label_ok(k, K)) coef_of<acc_t>(cb, cs, staged, c * K + k, a, bb);
+      const acc_t p = act_exp(acc_t(xb[c * V + i]) - mx) * inv_z;
+      gb[c * V + i] = scalar_t(go * p * (grad_wrt_p(p, a, bb, squared) - dot));
+    }
+  }
+}
+
+// ---- host side ----------------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+#define BLOB_DISPATCH_TYPES(INPUT, LABELS, ...)                                                   \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, INPUT, "blob_cuda", [&] {             \
+    using in_t = scalar_t;                                                                        \
+    AT_DISPATCH_V2(LABELS, "blob_cuda_labels", AT_WRAP([&] {                                      \
+      using lab_t = scalar_t;                                                                     \
+      __VA_ARGS__();                                                                              \
+    }), at::kByte, at::kShort, at::kInt, at::kLong);                                              \
+  })
+
+// Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (opting in to
+// more than 48 KB where needed).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, size_t smem) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
+  return std::max(n, 1);
+}
+
+template <typename in_t, typename lab_t, bool SHARED>
+void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
+                       int64_t K, at::Tensor& stats, at::Tensor& invalid, size_t smem,
+                       bool atomics) {
+  using acc_t = typename AccType<in_t>::type;
+  const bool softmax = prm.activation == kSoftmax;
+  const int64_t B = input.size(0), C = input.size(1), V = input.size(2);
+  const int64_t planes = softmax ? B : B * C;
+  const int64_t entries = (softmax ? C : 1) * K * kNumStats;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int per_sm = softmax ? blocks_per_sm(accumulate_softmax_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0)
+                             : blocks_per_sm(accumulate_elementwise_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0);
+  const int64_t target = int64_t(per_sm) * props->multiProcessorCount;
+  const int64_t max_blocks = std::max<int64_t>(1, ceil_div(V, int64_t(kTile) * kWarps));
+  int64_t blocks = std::min(max_blocks, std::max<int64_t>(1, ceil_div(target, planes)));
+  at::Tensor partial;
+  const auto acc_dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+  if (SHARED) {
+    partial = at::empty({planes * blocks * entries}, input.options().dtype(acc_dtype));
+  } else if (!atomics) {
+    // Deterministic, large label range: one zeroed row per warp, at most ~256 MB of rows.
+    const int64_t budget_rows = (int64_t(256) << 20) / (planes * entries * int64_t(sizeof(acc_t)));
+    blocks = std::max<int64_t>(1, std::min(blocks, budget_rows / kWarps));
+    partial = at::zeros({planes * blocks * kWarps * entries}, input.options().dtype(acc_dtype));
+  }
+  TableArgs ta{partial.defined() ? partial.data_ptr() : nullptr, stats.data_ptr<double>(),
+               entries, atomics};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid{static_cast<unsigned>(blocks), static_cast<unsigned>(planes)};
+  if (softmax) {
+    accumulate_softmax_kernel<in_t, lab_t, SHARED><<<grid, kThreads, SHARED ? smem : 0, stream>>>(
+        input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), C, V, K, uses_pow(prm), ta,
+        invalid.data_ptr<int>());
+  } else {
+    accumulate_elementwise_kernel<in_t, lab_t, SHARED><<<grid, kThreads, SHARED ? smem : 0, stream>>>(
+        input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), V, K, prm.activation, uses_pow(prm), ta,
+        invalid.data_ptr<int>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (partial.defined()) {
+    const int64_t rows = SHARED ? blocks : blocks * kWarps;
+    const int64_t n = planes * entries;
+    reduce_rows_kernel<acc_t><<<unsigned(ceil_div(n, 256)), 256, 0, stream>>>(
+        static_cast<const acc_t*>(partial.data_ptr()), planes, rows, entries,
+        stats.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
+                     int64_t K, at::Tensor& stats, at::Tensor& invalid) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  TORCH_CHECK(input.size(0) <= 65535 && input.size(0) * input.size(1) <= 65535,
+              "blob loss (CUDA): B * C must be at most 65535, got ", input.size(0) * input.size(1));
+  const int64_t C = input.size(1);
+  const size_t acc_size = input.scalar_type() == at::kDouble ? 8 : 4;
+  const size_t entries = size_t((prm.activation == kSoftmax ? C : 1) * K * kNumStats);
+  const size_t smem = kWarps * entries * acc_size;
+  const size_t smem_max = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const bool shared = smem <= smem_max;
+  const bool atomics = !shared && !at::globalContext().deterministicAlgorithms();
+  BLOB_DISPATCH_TYPES(input.scalar_type(), labels.scalar_type(), [&] {
+    if (shared) {
+      launch_accumulate<in_t, lab_t, true>(input, labels, prm, K, stats, invalid, smem, false);
+    } else {
+      launch_accumulate<in_t, lab_t, false>(input, labels, prm, K, stats, invalid, 0, atomics);
+    }
+  });
+}
+
+void finalize_cuda(const at::Tensor& stats, const at::Tensor& invalid, const LossParams& prm,
+                   at::Tensor& loss, at::Tensor& coef) {
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const int64_t B = stats.size(0), C = stats.size(1), K = stats.size(2), P = B * C;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  static_assert(sizeof(PlaneResult) % sizeof(double) == 0, "PlaneResult must pack into doubles");
+  auto work = at::empty({P * int64_t(sizeof(PlaneResult) / sizeof(double)) + P + 1},
+                        stats.options());
+  auto* pr = reinterpret_cast<PlaneResult*>(work.data_ptr<double>());
+  double* w_blob = work.data_ptr<double>() + P * int64_t(sizeof(PlaneResult) / sizeof(double));
+  double* w_global = w_blob + P;
+  plane_summary_kernel<<<unsigned(P), kReduceThreads, 0, stream>>>(stats.data_ptr<double>(), C, K, prm, pr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  combine_kernel<<<1, 1, 0, stream>>>(pr, B, C, prm, invalid.data_ptr<int>(), w_blob, w_global,
+                                      loss.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  coef_kernel<<<unsigned(ceil_div(P * K, 256)), 256, 0, stream>>>(
+      stats.data_ptr<double>(), pr, w_blob, w_global, invalid.data_ptr<int>(), P, K, prm,
+      coef.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& labels,
+                   const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t B = input.size(0), C = input.size(1), V = input.size(2), K = coef.size(2);
+  TORCH_CHECK(B * C <= 65535, "blob loss (CUDA): B * C must be at most 65535, got ", B * C);
+  const bool softmax = prm.activation == kSoftmax;
+  const int64_t planes = softmax ? B : B * C;
+  const int64_t n_coef = (softmax ? C : 1) * K;
+  const size_t acc_size = input.scalar_type() == at::kDouble ? 8 : 4;
+  const size_t smem_needed = size_t(n_coef) * kNumCoef * acc_size;
+  const bool staged = smem_needed <= size_t(kCoefSmemBytes);
+  const size_t smem = staged ? smem_needed : 0;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto go = grad_out.to(input.device(), at::kDouble).contiguous();
+  BLOB_DISPATCH_TYPES(input.scalar_type(), labels.scalar_type(), [&] {
+    if (!softmax) {
+      const int64_t per_block = int64_t(kThreads) * kItems;
+      const int64_t blocks = std::min(ceil_div(V, per_block), std::max<int64_t>(1, ceil_div(int64_t(sms) * 8, planes)));
+      backward_elementwise_kernel<in_t, lab_t><<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
+          go.data_ptr<double>(), input.data_ptr<in_t>(), labels.data_ptr<lab_t>(),
+          coef.data_ptr<double>(), V, K, prm.activation, prm.squared_pred, staged,
+          grad_input.data_ptr<in_t>());
+    } else {
+      const int64_t blocks = std::min(ceil_div(V, int64_t(kThreads)), std::max<int64_t>(1, ceil_div(int64_t(sms) * 8, planes)));
+      backward_softmax_kernel<in_t, lab_t><<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
+          go.data_ptr<double>(), input.data_ptr<in_t>(), labels.data_ptr<lab_t>(),
+          coef.data_ptr<double>(), C, V, K, prm.squared_pred, staged, grad_input.data_ptr<in_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+const DeviceKernels kCudaKernels{&accumulate_cuda, &finalize_cuda, &backward_cuda};
+
+}  // namespace
+
+BLOB_REGISTER_DEVICE(CUDA, kCudaKernels)
+
+}  // namespace blob

@@ -1,0 +1,99 @@
+"""Build of blobbench and its C++/CUDA extension ``blobbench._C``.
+
+CUDA sources are compiled when a CUDA toolkit (nvcc) and a CUDA-enabled torch are present,
+or when ``FORCE_CUDA=1``; ``USE_CUDA=0`` forces a CPU-only build. With no GPU visible (a CI
+machine, a container build) an architecture list is chosen for you unless
+``TORCH_CUDA_ARCH_LIST`` is set. Install with ``pip install --no-build-isolation -e .`` so
+the extension is built against the torch you run.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    """CUDA_HOME, else the standard toolkit location, else nvcc's folder on PATH.
+
+    An ``nvcc`` on PATH can be a wrapper script outside the toolkit, which makes torch look
+    for headers in the wrong place, so the standard location wins over PATH.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ.setdefault("CUDA_HOME", _cuda_home)
+
+import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    use = os.environ.get("USE_CUDA", "auto").lower()
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    if use in ("0", "false", "no", "off"):
+        return False
+    have_nvcc = bool(_cuda_home) and os.path.exists(os.path.join(_cuda_home, "bin", "nvcc"))
+    if use in ("1", "true", "yes", "on"):
+        if not have_nvcc or torch.version.cuda is None:
+            sys.exit("USE_CUDA=1 but no nvcc (CUDA_HOME) or no CUDA-enabled torch was found")
+        return True
+    return have_nvcc and torch.version.cuda is not None
+
+
+def _pip_cuda_includes():
+    """Headers of the pip CUDA wheels (torch's headers include e.g. cusparse.h from there)."""
+    dirs = []
+    for entry in sys.path:
+        dirs += sorted(glob.glob(os.path.join(entry, "nvidia", "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(entry, "nvidia", "cusparse", "include")))
+    seen, out = set(), []
+    for d in dirs:
+        if os.path.isdir(d) and d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def _extension():
+    sources = [os.path.join("csrc", "blob_ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to detect: Ampere, Ada and Hopper, plus PTX for newer cards.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0+PTX"
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        print(f"blobbench: building with CUDA ({_cuda_home}, arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'detected')})")
+        return CUDAExtension(
+            "blobbench._C",
+            sources,
+            include_dirs=include_dirs + _pip_cuda_includes(),
+            define_macros=[("BLOB_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    print("blobbench: building the CPU-only extension")
+    return CppExtension("blobbench._C", sources, include_dirs=include_dirs,
+                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    packages=find_packages(include=["blobbench", "blobbench.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,122 @@
+"""Every error message of the blob loss operators."""
+import pytest
+import torch
+
+import blobbench
+from blobbench import blob_dice
+from conftest import devices
+
+
+def _inputs(device="cpu", C=1):
+    x = torch.randn(2, C, 4, 5, 6, device=device)
+    lab = torch.zeros(2, C, 4, 5, 6, dtype=torch.int32, device=device)
+    lab[0, :, 1:3, 1:3, 1:3] = 1
+    return x, lab
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, l: (x, l.float()), r"`instances` must hold integer instance ids.*Float"),
+    (lambda x, l: (x, l.bool()), r"`instances` must hold integer instance ids.*Bool"),
+    (lambda x, l: (x.int(), l), r"`input` must be a float16, bfloat16, float32 or float64 tensor"),
+    (lambda x, l: (x[:, :, 0, 0, 0], l[:, :, 0, 0, 0]), r"`input` must have shape \(B, C, \*spatial\)"),
+    (lambda x, l: (x, l[:, :, :3]), r"`instances` must have the shape of `input`"),
+    (lambda x, l: (x[:0], l[:0]), r"`input` must not be empty"),
+])
+def test_bad_tensors_raise_clear_errors(bad, match):
+    x, lab = _inputs()
+    x, lab = bad(x, lab)
+    with pytest.raises((TypeError, ValueError), match=match):
+        blob_dice(x, lab)
+
+
+def test_negative_labels_raise():
+    x, lab = _inputs()
+    lab[1, 0, 0, 0, 0] = -3
+    with pytest.raises(ValueError, match=r"`instances` must be >= 0.*-3"):
+        blob_dice(x, lab)
+
+
+def test_labels_above_max_label_raise_on_cpu():
+    x, lab = _inputs()
+    lab[1, 0, 0, 0, 0] = 9
+    with pytest.raises(ValueError, match=r"outside \[0, max_label\] \(max_label = 5\)"):
+        blob_dice(x, lab, max_label=5)
+
+
+def test_negative_labels_with_max_label_raise_on_cpu():
+    x, lab = _inputs()
+    lab[1, 0, 0, 0, 0] = -1
+    with pytest.raises(ValueError, match=r"outside \[0, max_label\]"):
+        blob_dice(x, lab, max_label=5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(activation="relu"), r"`activation` must be one of \"sigmoid\", \"softmax\" or \"none\", got \"relu\""),
+    (dict(masking="exact"), r"`masking` must be \"paper\" or \"official\", got \"exact\""),
+    (dict(activation="softmax", masking="official"), r"masking=\"official\" is only defined"),
+    (dict(activation="softmax"), r"softmax\" needs at least 2 channels"),
+    (dict(max_label=-4), r"max_label must be None or an int >= 0"),
+])
+def test_bad_options_raise_clear_errors(kwargs, match):
+    x, lab = _inputs()
+    with pytest.raises(ValueError, match=match):
+        blob_dice(x, lab, **kwargs)
+
+
+def test_op_level_max_label_check():
+    x, lab = _inputs()
+    with pytest.raises(ValueError, match=r"`max_label` must be -1 \(find it\)"):
+        torch.ops.blob.dice(x, lab, max_label=-2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(activation="tanh"), r"activation must be one of"),
+    (dict(masking="x"), r"masking must be one of"),
+    (dict(activation="softmax", masking="official"), r"masking=\"official\" is only defined"),
+    (dict(max_label=2.5), r"max_label must be None or an int"),
+])
+def test_module_validates_options_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        blobbench.BlobDiceLoss(**kwargs)
+
+
+def test_backward_op_checks_its_table():
+    x, lab = _inputs()
+    with pytest.raises(ValueError, match=r"`coef` must be the \(B, C, K, 2\) float64 table"):
+        torch.ops.blob.dice_backward(torch.tensor(1.0), x, lab, torch.zeros(2, 1, 3), lab.new_empty(0), "sigmoid", False)
+    coef = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    lab[0, 0, 0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"outside the coefficient table"):
+        torch.ops.blob.dice_backward(torch.tensor(1.0), x, lab, coef, lab.new_empty(0), "sigmoid", False)
+
+
+@devices
+def test_devices_must_match(device):
+    if device == "cpu":
+        pytest.skip("needs a second device")
+    x, lab = _inputs("cuda")
+    with pytest.raises(ValueError, match=r"must be on the same device"):
+        blob_dice(x, lab.cpu())
+
+
+@devices
+def test_out_of_range_labels_never_pass_silently(device):
+    x, lab = _inputs(device)
+    lab[1, 0, 0, 0, 0] = 9
+    if device == "cpu":
+        with pytest.raises(ValueError, match="max_label"):
+            blob_dice(x, lab, max_label=5)
+    else:  # sync-free: the loss and the gradient are NaN, documented
+        x.requires_grad_(True)
+        loss = blob_dice(x, lab, max_label=5)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(x.grad).any()
+
+
+def test_label_instances_errors():
+    with pytest.raises(ValueError, match="connectivity must be one of"):
+        blobbench.label_instances(torch.zeros(1, 1, 4, 4, 4), connectivity=8)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        blobbench.label_instances(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="class map values must be in"):
+        blobbench.label_instances(torch.full((1, 1, 4, 4), 3), num_classes=3)

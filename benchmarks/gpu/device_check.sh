@@ -22,20 +22,20 @@ timeout 300 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/b
 python3 -c "import blobbench; assert blobbench.has_cuda_kernels(), 'no CUDA kernels'; print('CUDA kernels registered')"
 
 log "tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests \
   > "$OUT/pytest.log" 2>&1; rc=$?
 tail -15 "$OUT/pytest.log"; [ $rc -eq 0 ] || status=1
 
 log "compute-sanitizer"
 for tool in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/gpu/sanitize_cases.py \
+  timeout 80 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/gpu/sanitize_cases.py \
     > "$OUT/sanitizer_$tool.log" 2>&1; rc=$?
   echo "$tool exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
   [ $rc -eq 0 ] || status=1
 done
 
 log "benchmark"
-timeout 200 python3 benchmarks/gpu/gpu_bench.py --out "$OUT/gpu_bench.json" --reps 30 > "$OUT/bench.log" 2>&1 || status=1
+timeout 150 python3 benchmarks/gpu/gpu_bench.py --out "$OUT/gpu_bench.json" --reps 30 --naive-budget 12 > "$OUT/bench.log" 2>&1 || status=1
 tail -8 "$OUT/bench.log"
 log "done (status $status)"
 exit $status

@@ -22,12 +22,12 @@ timeout 300 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/b
 python3 -c "import blobbench; assert blobbench.has_cuda_kernels(), 'no CUDA kernels'; print('CUDA kernels registered')"
 
 log "tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests \
+timeout 150 python3 -m pytest -p no:cacheprovider ${PYTEST_ARGS:--q tests} \
   > "$OUT/pytest.log" 2>&1; rc=$?
-tail -15 "$OUT/pytest.log"; [ $rc -eq 0 ] || status=1
+grep -v "^  File" "$OUT/pytest.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|Fatal|passed|failed|::" | tail -25; [ $rc -eq 0 ] || status=1
 
 log "compute-sanitizer"
-for tool in memcheck racecheck; do
+for tool in ${SANITIZERS-memcheck racecheck}; do
   timeout 80 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/gpu/sanitize_cases.py \
     > "$OUT/sanitizer_$tool.log" 2>&1; rc=$?
   echo "$tool exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"

@@ -20,6 +20,14 @@
 
 namespace blob {
 
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + ")";
+}
+
 int64_t dense_label_limit(int64_t voxels_per_plane) {
   return std::max<int64_t>(int64_t(1) << 16, voxels_per_plane / 8);
 }
@@ -68,22 +76,22 @@ void check_inputs(const at::Tensor& input, const at::Tensor& instances, int32_t 
                    "; label a mask with blobbench.label_instances() or cast ids with .long()");
   TORCH_CHECK_VALUE(input.dim() >= 3 && input.dim() <= 5, op,
                     ": `input` must have shape (B, C, *spatial) with 1 to 3 spatial dims, got shape ",
-                    input.sizes());
+                    shape(input.sizes()));
   TORCH_CHECK_VALUE(instances.sizes() == input.sizes(), op,
                     ": `instances` must have the shape of `input` (B, C, *spatial), got instances ",
-                    instances.sizes(), " and input ", input.sizes());
+                    shape(instances.sizes()), " and input ", shape(input.sizes()));
   TORCH_CHECK_VALUE(input.device() == instances.device(), op,
                     ": `input` and `instances` must be on the same device, got input on ",
                     input.device(), " and instances on ", instances.device());
   TORCH_CHECK_VALUE(input.numel() > 0, op, ": `input` must not be empty, got shape ",
-                    input.sizes());
+                    shape(input.sizes()));
   TORCH_CHECK_VALUE(activation != kSoftmax || input.size(1) >= 2, op,
                     ": activation=\"softmax\" needs at least 2 channels (channel 0 is the "
                     "background class), got C = ",
-                    input.size(1));
+                    num(input.size(1)));
   TORCH_CHECK_VALUE(max_label >= -1, op,
                     ": `max_label` must be -1 (find it) or an upper bound >= 0 on the instance ids, got ",
-                    max_label);
+                    num(max_label));
 }
 
 struct LabelRange {
@@ -109,7 +117,7 @@ LabelRange resolve_labels(const at::Tensor& instances, int32_t activation, int64
     auto mm = at::aminmax(read_labels(instances, activation));
     const int64_t lo = std::get<0>(mm).item<int64_t>();
     max_id = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", lo);
+    TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
   }
   if (max_id + 1 <= limit) {
     r.labels = instances;
@@ -125,11 +133,11 @@ LabelRange resolve_labels(const at::Tensor& instances, int32_t activation, int64
       at::cat({at::zeros({1}, lab.options()), lab.reshape({-1})}), /*sorted=*/true,
       /*return_inverse=*/false, /*return_counts=*/false));
   const int64_t lo = ids[0].item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", lo);
+  TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
   if (max_label >= 0) {
     const int64_t hi = ids[-1].item<int64_t>();
-    TORCH_CHECK_VALUE(hi <= max_label, op, ": `instances` holds id ", hi, " above max_label = ",
-                      max_label);
+    TORCH_CHECK_VALUE(hi <= max_label, op, ": `instances` holds id ", num(hi), " above max_label = ",
+                      num(max_label));
   }
   r.label_ids = ids;
   r.labels = at::searchsorted(ids, instances.contiguous());
@@ -220,9 +228,9 @@ at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_ou
                         coef.size(1) == input.size(1) && coef.size(3) == kNumCoef &&
                         coef.scalar_type() == at::kDouble,
                     op, ": `coef` must be the (B, C, K, 2) float64 table of the forward op, got ",
-                    coef.sizes(), " ", coef.scalar_type());
+                    shape(coef.sizes()), " ", coef.scalar_type());
   TORCH_CHECK_VALUE(grad_out.numel() == 1, op, ": `grad` must be a scalar, got shape ",
-                    grad_out.sizes());
+                    shape(grad_out.sizes()));
   at::Tensor labels =
       label_ids.numel() > 0 ? at::searchsorted(label_ids, instances.contiguous()) : instances;
   auto x = as_planes(input);

@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <string>
 #include <tuple>
 
 #include "blob_loss_math.h"
@@ -92,6 +93,12 @@ at::Tensor backward_with(const DeviceKernels& k, const at::Tensor& grad, const a
     m.impl("tversky_forward", &KEY##_tversky_forward);                                         \
     m.impl("tversky_backward", &KEY##_tversky_backward);                                       \
   }
+
+// Error-message formatting without std::ostream number formatting: on one GPU machine's image
+// (torch 2.11, Python 3.12) a TORCH_CHECK that streamed an integer crashed the process, while
+// string-only messages worked. std::to_string avoids the locale facets involved.
+std::string num(int64_t v);
+std::string shape(at::IntArrayRef sizes);
 
 // The largest label range kept as a dense table; larger ranges are compacted with a sort.
 int64_t dense_label_limit(int64_t voxels_per_plane);

@@ -211,7 +211,7 @@ void accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
     if (!ok) bad = true;
   });
   TORCH_CHECK_VALUE(!bad.load(), "blob loss: `instances` holds an id outside [0, max_label] (max_label = ",
-                    K - 1, "), or a negative id");
+                    num(K - 1), "), or a negative id");
   // Fixed-order merge.
   for (int64_t part = 0; part < parts; ++part) {
     const std::vector<double>& t = tables[part];
@@ -318,7 +318,7 @@ void backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
     if (!ok) bad = true;
   });
   TORCH_CHECK_VALUE(!bad.load(), "blob loss backward: `instances` holds an id outside the coefficient table [0, ",
-                    K - 1, "]");
+                    num(K - 1), "]");
 }
 
 void backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& labels,

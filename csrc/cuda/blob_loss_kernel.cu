@@ -587,7 +587,7 @@ void accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
                      int64_t K, at::Tensor& stats, at::Tensor& invalid) {
   const c10::cuda::CUDAGuard guard(input.device());
   TORCH_CHECK(input.size(0) <= 65535 && input.size(0) * input.size(1) <= 65535,
-              "blob loss (CUDA): B * C must be at most 65535, got ", input.size(0) * input.size(1));
+              "blob loss (CUDA): B * C must be at most 65535, got ", num(input.size(0) * input.size(1)));
   const int64_t C = input.size(1);
   const size_t acc_size = input.scalar_type() == at::kDouble ? 8 : 4;
   const size_t entries = size_t((prm.activation == kSoftmax ? C : 1) * K * kNumStats);
@@ -630,7 +630,7 @@ void backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
                    const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input) {
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t B = input.size(0), C = input.size(1), V = input.size(2), K = coef.size(2);
-  TORCH_CHECK(B * C <= 65535, "blob loss (CUDA): B * C must be at most 65535, got ", B * C);
+  TORCH_CHECK(B * C <= 65535, "blob loss (CUDA): B * C must be at most 65535, got ", num(B * C));
   const bool softmax = prm.activation == kSoftmax;
   const int64_t planes = softmax ? B : B * C;
   const int64_t n_coef = (softmax ? C : 1) * K;

@@ -63,10 +63,6 @@ bool is_label_dtype(at::ScalarType t) {
 
 void check_inputs(const at::Tensor& input, const at::Tensor& instances, int32_t activation,
                   int64_t max_label, const char* op) {
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()) &&
-                       input.scalar_type() != at::kFloat8_e4m3fn,
-                   op, ": `input` must be a float16, bfloat16, float32 or float64 tensor, got ",
-                   input.scalar_type());
   const auto st = input.scalar_type();
   TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
                    op, ": `input` must be a float16, bfloat16, float32 or float64 tensor, got ", st);

@@ -60,6 +60,12 @@ def _tversky_backward_fake(grad, input, instances, coef, label_ids, activation):
     return torch.empty_like(input)
 
 
+@torch.library.register_fake("blob::label_stats")
+def _label_stats_fake(input, instances, *, activation="sigmoid", squared_pred=False, max_label=-1):
+    _, coef, label_ids = _forward_fake(input, instances, max_label)
+    return input.new_empty((*coef.shape[:3], 3), dtype=torch.float64), label_ids
+
+
 def _setup_context(ctx, inputs, output):
     input, instances = inputs[0], inputs[1]
     _, coef, label_ids = output

@@ -9,6 +9,7 @@
 // Per call: an optional aminmax over the labels (skipped when max_label is given: then there is
 // no device-to-host sync at all), one pass over the voxels (accumulate), a finalisation over
 // the O(B*C*K) table, and in the backward one more pass over the voxels.
+#include <limits>
 #include "blob_ops.h"
 
 #include <ATen/Parallel.h>
@@ -314,6 +315,28 @@ at::Tensor backward_with(const DeviceKernels& k, const at::Tensor& grad, const a
   return loss_backward(k, grad, input, instances, coef, label_ids, prm, op);
 }
 
+std::tuple<at::Tensor, at::Tensor> label_stats_with(const DeviceKernels& k, const at::Tensor& input,
+                                                    const at::Tensor& instances,
+                                                    c10::string_view activation,
+                                                    bool squared_pred, int64_t max_label) {
+  const char* op = "blob.label_stats";
+  // The sums do not depend on the loss kind, weights or masking: Dice parameters with the
+  // default masking select the accumulation (activation, squared_pred).
+  auto prm = make_params(kDice, 1.0, 1.0, std::string(activation), "paper", squared_pred, 0.0,
+                         0.0, 0.0, 0.0, op);
+  check_inputs(input, instances, prm.activation, max_label, op);
+  LabelRange range = resolve_labels(instances, prm.activation, max_label, op);
+  auto x = as_planes(input);
+  auto lab = as_planes(range.labels);
+  auto stats =
+      at::zeros({input.size(0), input.size(1), range.K, kNumStats}, input.options().dtype(at::kDouble));
+  auto invalid = at::zeros({}, input.options().dtype(at::kInt));
+  k.accumulate(x, lab, prm, range.K, stats, invalid);
+  // An id above max_label on CUDA (no sync to raise): make the result unmistakable, as the loss.
+  stats.masked_fill_(invalid.ne(0), std::numeric_limits<double>::quiet_NaN());
+  return {stats, range.label_ids};
+}
+
 TORCH_LIBRARY(blob, m) {
   m.def(
       "dice(Tensor input, Tensor instances, float alpha=2.0, float beta=1.0, *, "
@@ -338,6 +361,9 @@ TORCH_LIBRARY(blob, m) {
   m.def(
       "tversky_backward(Tensor grad, Tensor input, Tensor instances, Tensor coef, "
       "Tensor label_ids, str activation) -> Tensor");
+  m.def(
+      "label_stats(Tensor input, Tensor instances, *, str activation=\"sigmoid\", "
+      "bool squared_pred=False, int max_label=-1) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(blob, CompositeImplicitAutograd, m) {

@@ -49,6 +49,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward_with(
     const DeviceKernels& k, const at::Tensor& input, const at::Tensor& instances, double alpha,
     double beta, c10::string_view activation, c10::string_view masking, double fp_weight,
     double fn_weight, double smooth_nr, double smooth_dr, int64_t max_label);
+// Per-label sums (B, C, K, 3) = (sum p, sum p^q, count) and the compacted ids (empty unless
+// compacted); NaN where the CUDA kernel met an id above max_label.
+std::tuple<at::Tensor, at::Tensor> label_stats_with(const DeviceKernels& k, const at::Tensor& input,
+                                                    const at::Tensor& instances,
+                                                    c10::string_view activation,
+                                                    bool squared_pred, int64_t max_label);
+
 at::Tensor backward_with(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,
                          const at::Tensor& instances, const at::Tensor& coef,
                          const at::Tensor& label_ids, c10::string_view activation,
@@ -86,12 +93,19 @@ at::Tensor backward_with(const DeviceKernels& k, const at::Tensor& grad, const a
     return ::blob::backward_with(KERNELS, grad, input, instances, coef, label_ids, activation,  \
                                  false);                                                       \
   }                                                                                            \
+  std::tuple<at::Tensor, at::Tensor> KEY##_label_stats(                                        \
+      const at::Tensor& input, const at::Tensor& instances, c10::string_view activation,       \
+      bool squared_pred, int64_t max_label) {                                                  \
+    return ::blob::label_stats_with(KERNELS, input, instances, activation, squared_pred,       \
+                                    max_label);                                                \
+  }                                                                                            \
   }                                                                                            \
   TORCH_LIBRARY_IMPL(blob, KEY, m) {                                                           \
     m.impl("dice_forward", &KEY##_dice_forward);                                               \
     m.impl("dice_backward", &KEY##_dice_backward);                                             \
     m.impl("tversky_forward", &KEY##_tversky_forward);                                         \
     m.impl("tversky_backward", &KEY##_tversky_backward);                                       \
+    m.impl("label_stats", &KEY##_label_stats);                                                 \
   }
 
 // Error-message formatting without std::ostream number formatting: on one GPU machine's image

@@ -175,22 +175,28 @@ def test_opcheck(device):
         tv_args = (x, inst, alpha, beta, options["activation"], options["masking"], 0.3, 0.7,
                    options["smooth_nr"], options["smooth_dr"], -1)
         torch.library.opcheck(torch.ops.blob.tversky_forward.default, tv_args)
+        _, tv_coef, tv_ids = torch.ops.blob.tversky_forward(*tv_args)
+        torch.library.opcheck(torch.ops.blob.tversky_backward.default,
+                              (grad, x.detach(), inst, tv_coef, tv_ids, options["activation"]))
 
 
 @devices
+@pytest.mark.parametrize("loss", ["dice", "tversky"])
 @pytest.mark.parametrize("max_label", [None, 40])
-def test_torch_compile_fullgraph_equals_eager(device, max_label):
+def test_torch_compile_fullgraph_equals_eager(device, max_label, loss):
     torch._dynamo.reset()
     rng = np.random.default_rng(2)
     instances = random_instances(rng, (2, 1, 6, 16, 16), 6, empty_prob=0.0).to(device)
     x = torch.randn(instances.shape, generator=torch.Generator().manual_seed(2)).to(device)
-    module = blobbench.BlobDiceLoss(max_label=max_label)
+    module = (blobbench.BlobDiceLoss(max_label=max_label) if loss == "dice"
+              else blobbench.BlobTverskyLoss(max_label=max_label))
     compiled = torch.compile(module, fullgraph=True)
     eager = loss_and_grad(module, x, instances)
     comp = loss_and_grad(compiled, x, instances)
     assert rel_err(comp[0], eager[0]) <= 1e-6 and rel_err(comp[1], eager[1]) <= 1e-6
     if max_label is not None:  # the composite op itself compiles when the range is static
-        op = torch.compile(lambda t, i: torch.ops.blob.dice(t, i, max_label=max_label), fullgraph=True)
+        composite = torch.ops.blob.dice if loss == "dice" else torch.ops.blob.tversky
+        op = torch.compile(lambda t, i: composite(t, i, max_label=max_label), fullgraph=True)
         comp = loss_and_grad(op, x, instances)
         assert rel_err(comp[0], eager[0]) <= 1e-6 and rel_err(comp[1], eager[1]) <= 1e-6
 

@@ -1,0 +1,105 @@
+"""asv suites (scikit-image style): blob losses per dataset profile and against the instance count.
+
+Parameters: profile x implementation x device. ``time_*`` time the forward alone and forward +
+backward; ``peakmem_forward_backward`` is the process's peak RSS after one forward + backward,
+to be read against ``peakmem_reference`` (the same setup, no loss: the inputs, the libraries);
+``track_peak_cuda_bytes`` is the CUDA allocator's peak above the inputs (skipped without a GPU).
+One crop per profile (``batch=1``) keeps the naive loop to seconds.
+
+    asv run --python=same --quick            # this environment, each benchmark once
+    asv run --python=same --bench "ProfileSuite.time_forward_backward"
+"""
+import torch
+
+import blobbench
+from blobbench.bench import forward_backward, loss_fn
+from blobbench.synthetic import grid_instances, logits_like, profile_batch
+
+PROFILES = ["ms", "lits", "disco", "shanel", "deepmact"]
+IMPLS = ["fused", "fused_tversky", "vectorized", "naive", "monai_dice"]
+DEVICES = ["cpu", "cuda"]
+
+
+def _have_cuda():
+    return torch.cuda.is_available() and blobbench.has_cuda_kernels()
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Base:
+    timeout = 600
+    warmup_time = 0.2
+
+    def _prepare(self, x, inst, impl, device):
+        if device == "cuda" and not _have_cuda():
+            raise NotImplementedError("no CUDA device or no CUDA kernels")  # asv: skipped
+        self.device = device
+        self.fn = loss_fn(impl)
+        self.x = x.to(device).requires_grad_(True)
+        self.inst = inst.to(device)
+        forward_backward(self.fn, self.x, self.inst)  # warm-up: lazy init, allocator
+        _sync(device)
+
+    def time_forward(self, *params):
+        self.fn(self.x, self.inst)
+        _sync(self.device)
+
+    def time_forward_backward(self, *params):
+        forward_backward(self.fn, self.x, self.inst)
+        _sync(self.device)
+
+    def peakmem_forward_backward(self, *params):
+        forward_backward(self.fn, self.x, self.inst)
+
+    def peakmem_reference(self, *params):
+        """Setup only: subtract from ``peakmem_forward_backward``."""
+
+
+class ProfileSuite(_Base):
+    """One training crop of each paper-shaped synthetic profile."""
+    params = (PROFILES, IMPLS, DEVICES)
+    param_names = ["profile", "impl", "device"]
+
+    def setup(self, profile, impl, device):
+        x, inst = profile_batch(profile, seed=0, batch=1)
+        self._prepare(x, inst, impl, device)
+
+
+class InstanceScaling(_Base):
+    """A 32x128x128 crop with exactly N instances: O(N*V) against O(V)."""
+    params = ([1, 16, 256, 2000], ["fused", "vectorized", "naive"], DEVICES)
+    param_names = ["instances", "impl", "device"]
+
+    def setup(self, n, impl, device):
+        if impl == "naive" and n > 256:
+            raise NotImplementedError("naive loop over budget (seconds and GBs per call)")
+        inst = torch.from_numpy(grid_instances((32, 128, 128), n, seed=0))[None, None]
+        self._prepare(logits_like(inst, 0), inst, impl, device)
+
+
+class CudaMemory:
+    """Peak CUDA bytes above the inputs for one forward + backward (skipped without a GPU)."""
+    params = (PROFILES, IMPLS)
+    param_names = ["profile", "impl"]
+    timeout = 600
+
+    def setup(self, profile, impl):
+        if not _have_cuda():
+            raise NotImplementedError("no CUDA device or no CUDA kernels")
+        x, inst = profile_batch(profile, seed=0, batch=1)
+        self.fn = loss_fn(impl)
+        self.x = x.cuda().requires_grad_(True)
+        self.inst = inst.cuda()
+
+    def track_peak_cuda_bytes(self, profile, impl):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        forward_backward(self.fn, self.x, self.inst)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    track_peak_cuda_bytes.unit = "bytes"

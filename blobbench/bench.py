@@ -1,0 +1,380 @@
+"""The benchmark engine behind ``blobbench``: cases, implementations and measurements.
+
+Every measurement (one case, one implementation, one device) runs in a fresh process forked from
+a clean server that has only imported the libraries (``multiprocessing`` "forkserver"), so that
+
+- peak memory is the process's own: on the CPU the peak resident set (Linux ``VmHWM``, reset after
+  a warm-up on a tiny input and after the inputs exist) sees every allocation, whichever allocator
+  made it; on CUDA ``torch.cuda.max_memory_allocated`` above the inputs;
+- a memory budget can be enforced (an address-space limit on the CPU, a per-process memory
+  fraction on CUDA) and a time budget too (the process is killed), so an implementation that
+  needs too much is recorded as ``"out of memory"`` or ``"over budget"``, not a crash.
+
+Timing: one untimed call after the inputs exist (its time and memory are the "first call"), then
+up to ``reps`` timed calls of forward + backward (at least 3 unless ``reps`` is smaller, fewer
+than ``reps`` when they would take longer than ``max_case_s``), CUDA synchronised around each.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+__all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "Case", "loss_fn", "forward_backward", "Runner",
+           "profile_case", "instances_case", "volume_case", "file_case", "check_case"]
+
+#: name -> (description, loss kind); the functions are built by :func:`loss_fn`.
+IMPLEMENTATIONS = {
+    "naive": "naive loop (MONAI DiceLoss per blob)",
+    "vectorized": "vectorized closed form (index_add)",
+    "fused": "fused blob.dice",
+    "monai_dice": "MONAI DiceLoss (no instances)",
+    "naive_tversky": "naive loop (MONAI TverskyLoss per blob)",
+    "fused_tversky": "fused blob.tversky",
+}
+SWEEP_IMPLS = ("naive", "vectorized", "fused", "monai_dice")
+
+
+def loss_fn(impl: str):
+    """``f(logits, instances) -> loss`` for an implementation name of :data:`IMPLEMENTATIONS`."""
+    import blobbench
+
+    if impl == "naive":
+        return lambda x, i: blobbench.naive_blob_dice(x, i)
+    if impl == "naive_tversky":
+        return lambda x, i: blobbench.naive_blob_tversky(x, i)
+    if impl == "vectorized":
+        return lambda x, i: blobbench.vectorized_blob_loss(x, i)
+    if impl == "fused":
+        return lambda x, i: blobbench.blob_dice(x, i)
+    if impl == "fused_tversky":
+        return lambda x, i: blobbench.blob_tversky(x, i)
+    if impl == "monai_dice":
+        from monai.losses import DiceLoss
+
+        dice = DiceLoss(sigmoid=True)
+        return lambda x, i: dice(x, (i > 0).to(x.dtype))
+    raise ValueError(f"unknown implementation {impl!r}; choose from {sorted(IMPLEMENTATIONS)}")
+
+
+def forward_backward(fn, x, inst):
+    """One training-step worth of loss work: forward, then backward into ``x.grad``."""
+    x.grad = None
+    fn(x, inst).backward()
+
+
+@dataclass
+class Case:
+    """One input batch. ``kind``: profile, file, instances (sweep over N) or volume (sweep over V)."""
+    name: str
+    kind: str
+    shape: tuple
+    blobs: list            # instance count per crop
+    path: str = ""         # where the (logits, instances) tensors are saved for the workers
+    sweep_x: float = 0.0   # the swept quantity: instance count or voxels per crop
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self):
+        d = asdict(self)
+        d.pop("path")
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _save_case(case: Case, logits, instances, workdir) -> Case:
+    case.path = os.path.join(workdir, f"{len(os.listdir(workdir)):04d}-{case.name.replace('/', '_')}.pt")
+    torch.save((logits, instances), case.path)
+    case.shape = tuple(logits.shape)
+    case.blobs = [int(torch.unique(instances[b]).numel() - int((instances[b] == 0).any()))
+                  for b in range(instances.shape[0])]
+    return case
+
+
+def profile_case(profile: str, batch: int | None, seed: int, workdir) -> Case:
+    from .synthetic import PROFILES, profile_batch
+
+    p = PROFILES[profile]
+    x, inst = profile_batch(p, seed=seed, batch=batch)
+    return _save_case(Case(profile, "profile", (), [], meta={"profile": profile,
+                                                              "description": p.description}),
+                      x, inst, workdir)
+
+
+def instances_case(n: int, crop, seed: int, workdir) -> Case:
+    from .synthetic import grid_instances, logits_like
+
+    inst = torch.from_numpy(grid_instances(crop, n, seed))[None, None]
+    return _save_case(Case(f"N={n}", "instances", (), [], sweep_x=n, meta={"crop": list(crop)}),
+                      logits_like(inst, seed), inst, workdir)
+
+
+def volume_case(edge: int, n: int, seed: int, workdir) -> Case:
+    from .synthetic import grid_instances, logits_like
+
+    inst = torch.from_numpy(grid_instances((edge,) * 3, n, seed))[None, None]
+    return _save_case(Case(f"{edge}^3", "volume", (), [], sweep_x=edge ** 3, meta={"instances": n}),
+                      logits_like(inst, seed), inst, workdir)
+
+
+def file_case(path, profile: str, crops: int | None, seed: int, workdir, key=None) -> Case:
+    from .labelfiles import crops_from_labels, load_label_volume
+    from .synthetic import PROFILES, logits_like
+
+    p = PROFILES[profile]
+    vol = load_label_volume(path, key)
+    inst = crops_from_labels(vol, p.crop, crops or p.crops, seed)
+    name = os.path.basename(str(path))
+    return _save_case(Case(name, "file", (), [], meta={"file": str(path), "volume_shape": list(vol.shape),
+                                                       "profile": profile}),
+                      logits_like(inst, seed), inst, workdir)
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+def _vm(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _have_proc():
+    return os.path.exists("/proc/self/clear_refs") and os.path.exists("/proc/self/status")
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(e)
+    return "can't allocate memory" in msg or "out of memory" in msg or "std::bad_alloc" in msg
+
+
+def _tiny_inputs():
+    inst = torch.zeros(1, 1, 8, 8, 8, dtype=torch.int32)
+    inst[0, 0, 1:3, 1:3, 1:3] = 1
+    inst[0, 0, 5:7, 4:7, 4:6] = 2
+    return torch.randn(1, 1, 8, 8, 8), inst
+
+
+def _steady_malloc():
+    """Make glibc's allocator behave as in a long-running training process.
+
+    A fresh process starts with glibc's small dynamic mmap/trim thresholds, so every large
+    temporary of an ATen-op implementation is mmapped and unmapped (or the heap trimmed) on every
+    call and its pages are faulted in again: a cost a training process, whose thresholds have
+    long grown, does not pay. Fixing the thresholds at their ceiling removes that artefact; the
+    peak RSS still counts every page touched.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)      # glibc's maximum on 64-bit
+        libc.mallopt(M_TRIM_THRESHOLD, 256 * 2**20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to adjust
+
+
+def _worker(conn, task):
+    """Runs in a fresh process: measures one (case, impl, device); sends dicts through ``conn``."""
+    try:
+        _steady_malloc()
+        torch.set_num_threads(task["threads"])
+        device = torch.device(task["device"])
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        fn = loss_fn(task["impl"])
+        x, inst = torch.load(task["path"])
+        # Warm-up on a tiny input: thread pools, lazy imports, the CUDA context, kernel caches.
+        xs, ins = _tiny_inputs()
+        forward_backward(fn, xs.to(device).requires_grad_(True), ins.to(device))
+        x = x.to(device).requires_grad_(True)
+        inst = inst.to(device)
+        sync()
+        budget = task["mem_budget_bytes"]
+        if device.type == "cpu":
+            if budget:
+                vm = _vm("VmSize") if _have_proc() else 0
+                soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+                limit = vm + budget
+                if hard != resource.RLIM_INFINITY:
+                    limit = min(limit, hard)
+                if vm:
+                    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+            if _have_proc():
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+                base = _vm("VmRSS")
+            else:
+                base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        else:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            if budget:
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, (base + budget) / total), device)
+        conn.send({"event": "ready"})
+        t0 = time.perf_counter()
+        try:
+            forward_backward(fn, x, inst)
+            sync()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if _is_oom(e):
+                conn.send({"event": "done", "status": "out of memory", "error": str(e).splitlines()[0][:200]})
+                return
+            raise
+        first = time.perf_counter() - t0
+        if device.type == "cpu":
+            peak = (_vm("VmHWM") if _have_proc() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+        else:
+            peak = torch.cuda.max_memory_allocated(device) - base
+        conn.send({"event": "first", "first_call_s": first, "peak_bytes": int(peak)})
+        reps = task["reps"]
+        n = reps if first * reps <= task["max_case_s"] else max(min(3, reps), int(task["max_case_s"] / first))
+        times = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            forward_backward(fn, x, inst)
+            sync()
+            times.append(time.perf_counter() - t0)
+        conn.send({"event": "done", "status": "ok", "times_s": times})
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, never a silent crash
+        status = "out of memory" if _is_oom(e) else "error"
+        conn.send({"event": "done", "status": status, "error": f"{type(e).__name__}: {e}"[:300]})
+    finally:
+        conn.close()
+
+
+def _check_worker(conn, task):
+    """Fused (float32, every device) against the naive loop (float64, CPU): loss and gradient."""
+    try:
+        torch.set_num_threads(task["threads"])
+        x, inst = torch.load(task["path"])
+        out = {}
+        for loss, naive, fused in (("dice", "naive", "fused"), ("tversky", "naive_tversky", "fused_tversky")):
+            if loss not in task["losses"]:
+                continue
+            xr = x.detach().double().requires_grad_(True)
+            ref = loss_fn(naive)(xr, inst)
+            ref.backward()
+            for dev in task["devices"]:
+                xf = x.detach().to(dev, copy=True).requires_grad_(True)
+                got = loss_fn(fused)(xf, inst.to(dev))
+                got.backward()
+                g = xf.grad.double().cpu()
+                out[f"{loss}/{dev}"] = {
+                    "loss": got.item(), "loss_ref": ref.item(),
+                    "loss_rel_diff": abs(got.item() - ref.item()) / max(abs(ref.item()), 1e-30),
+                    "grad_max_abs_diff": float((g - xr.grad).abs().max()),
+                    "grad_max_abs": float(xr.grad.abs().max()),
+                }
+        conn.send({"event": "done", "status": "ok", "checks": out})
+    except BaseException as e:  # noqa: BLE001
+        status = "out of memory" if _is_oom(e) else "error"
+        conn.send({"event": "done", "status": status, "error": f"{type(e).__name__}: {e}"[:300]})
+    finally:
+        conn.close()
+
+
+class Runner:
+    """Starts the worker processes and enforces the budgets.
+
+    Args:
+        threads: CPU threads per worker (torch.set_num_threads).
+        reps: timed repetitions per measurement (at most).
+        max_case_s: fewer repetitions (at least 3) when ``reps`` would take longer than this.
+        time_budget_s: a forward + backward taking longer than this is stopped: "over budget".
+        mem_budget_bytes: peak memory above the inputs beyond this is "out of memory" (0: none).
+    """
+
+    def __init__(self, threads: int, reps: int, max_case_s: float, time_budget_s: float,
+                 mem_budget_bytes: int):
+        self.threads, self.reps, self.max_case_s = threads, reps, max_case_s
+        self.time_budget_s, self.mem_budget_bytes = time_budget_s, mem_budget_bytes
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["blobbench.bench", "monai.losses"])
+
+    def _run(self, target, task, timeouts):
+        parent, child = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=target, args=(child, task), daemon=True)
+        proc.start()
+        child.close()
+        msgs = {}
+        try:
+            for event, timeout in timeouts:
+                while True:
+                    if not parent.poll(timeout):
+                        return msgs, event  # timed out waiting for this event
+                    msg = parent.recv()
+                    msgs.update(msg)
+                    if msg["event"] in (event, "done"):
+                        break
+                if msgs.get("event") == "done":
+                    return msgs, None
+            return msgs, None
+        except EOFError:
+            msgs.setdefault("status", "error")
+            msgs.setdefault("error", "worker process died")
+            return msgs, None
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            if "status" not in msgs and proc.exitcode not in (0, None):
+                msgs["exitcode"] = proc.exitcode
+
+    def measure(self, case: Case, impl: str, device: str) -> dict:
+        task = {"path": case.path, "impl": impl, "device": device, "threads": self.threads,
+                "reps": self.reps, "max_case_s": self.max_case_s,
+                "mem_budget_bytes": self.mem_budget_bytes}
+        budget = self.time_budget_s
+        msgs, timed_out = self._run(_worker, task, [
+            ("ready", 300.0),                                             # start-up and warm-up
+            ("first", budget),                                            # one call within budget
+            ("done", budget * max(self.reps, 1) + self.max_case_s + 30.0),
+        ])
+        res = {"case": case.name, "kind": case.kind, "impl": impl, "device": device}
+        if timed_out == "first":
+            res.update(status="over budget", error=f"one forward+backward took over {budget:g} s")
+            return res
+        if timed_out:
+            res.update(status="error", error=f"no '{timed_out}' from the worker in time")
+            return res
+        res["status"] = msgs.get("status", "error")
+        for k in ("error", "first_call_s", "peak_bytes", "exitcode"):
+            if k in msgs:
+                res[k] = msgs[k]
+        if res["status"] == "error" and "error" not in res:
+            res["error"] = f"worker exited with code {msgs.get('exitcode')}"
+        times = msgs.get("times_s")
+        if res["status"] == "ok" and times:
+            q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+            res.update(times_s=times, reps=len(times), median_s=statistics.median(times),
+                       min_s=min(times), max_s=max(times), q1_s=q[0], q3_s=q[2])
+        return res
+
+    def check(self, case: Case, devices, losses=("dice",)) -> dict:
+        task = {"path": case.path, "devices": list(devices), "threads": self.threads, "losses": list(losses)}
+        msgs, timed_out = self._run(_check_worker, task, [("done", 300.0 + 4 * self.time_budget_s)])
+        if timed_out:
+            return {"status": "over budget", "error": "the float64 naive loop took too long"}
+        return {k: v for k, v in msgs.items() if k != "event"}
+
+
+def check_case(runner: Runner, case: Case, devices, losses) -> dict:
+    """Largest differences of the fused ops against the naive loop on one case."""
+    return runner.check(case, devices, losses)
+
+
+def fmt_ms(seconds):
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "-"
+    return f"{seconds * 1e3:.3g}" if seconds < 1 else f"{seconds * 1e3:.0f}"

@@ -1,0 +1,97 @@
+"""Per-instance statistics for logging: which instances does the model miss?
+
+:func:`instance_stats` runs the same one-pass accumulation as the fused losses
+(``torch.ops.blob.label_stats``: per (b, c, label) the sums of p, of p^2 and the voxel count) and
+derives, for every instance of every (b, c), with no loop over instances:
+
+- ``size``: its voxel count;
+- ``mass``: the predicted probability mass inside it (sum of p over its voxels);
+- ``dice``: its own Dice, as in its blob-loss term (paper Eq. 1: the other instances of the
+  channel masked out; ``masking="official"`` counts them as p = 0.5).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _ops  # noqa: F401  (registers the operators)
+from .losses import _check_options, _max_label_arg
+
+__all__ = ["InstanceStats", "instance_stats"]
+
+
+class InstanceStats(NamedTuple):
+    """Per-instance numbers, dense over the label range ``K``.
+
+    Attributes:
+        ids: ``Tensor[K]`` int64, the instance id of each column (``0..K-1``, or the sorted
+            distinct ids when sparse, large ids were compacted). Column 0 is the background.
+        size: ``Tensor[B, C, K]`` float64 voxel count of each id in each (b, c).
+        mass: ``Tensor[B, C, K]`` float64 sum of the predicted probabilities over those voxels.
+        dice: ``Tensor[B, C, K]`` float64 Dice of each instance against the prediction on its
+            blob-loss domain; NaN where the id is absent and for the background column.
+        present: ``Tensor[B, C, K]`` bool, the instances that exist (``size > 0``, id > 0;
+            never on channel 0 with ``activation="softmax"``).
+    """
+    ids: torch.Tensor
+    size: torch.Tensor
+    mass: torch.Tensor
+    dice: torch.Tensor
+    present: torch.Tensor
+
+
+@torch.no_grad()
+def instance_stats(
+    input: torch.Tensor,
+    instances: torch.Tensor,
+    *,
+    activation: str = "sigmoid",
+    masking: str = "paper",
+    squared_pred: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    max_label: int | None = None,
+) -> InstanceStats:
+    """Size, predicted mass and Dice of every instance, in one pass over the voxels.
+
+    Args:
+        input: ``Tensor[B, C, *spatial]`` logits (or probabilities with ``activation="none"``).
+        instances: ``Tensor[B, C, *spatial]`` integer instance ids (0 = background).
+        activation, masking, squared_pred, smooth_nr, smooth_dr, max_label: as in
+            :func:`blobbench.blob_dice`; ``dice`` is ``1 -`` the instance's blob Dice term.
+
+    Returns:
+        :class:`InstanceStats`. Log, for example, ``stats.dice[stats.present]`` and
+        ``stats.size[stats.present]``.
+
+    Example::
+
+        s = blobbench.instance_stats(logits, instances)
+        missed = s.present & (s.dice < 0.1)          # (B, C, K) instances the model misses
+        print(s.size[missed])
+    """
+    _check_options(activation, masking)
+    stats, label_ids = torch.ops.blob.label_stats(
+        input.detach(), instances, activation=activation, squared_pred=squared_pred,
+        max_label=_max_label_arg(max_label))
+    S, P, N = stats.unbind(-1)
+    K = stats.shape[2]
+    if label_ids.numel():
+        ids = label_ids.to(torch.int64)
+    else:
+        ids = torch.arange(K, device=stats.device)
+    present = N > 0
+    present[..., 0] = False
+    if activation == "softmax":
+        present[:, 0] = False
+    # Blob term of instance k: its own voxels plus the background, the other instances masked out
+    # (paper) or entering with p = 0.5 (official, sigmoid/none): DESIGN.md section 3.
+    fg = N[..., 1:].sum(-1, keepdim=True)
+    mass_other = 0.0
+    if masking == "official" and activation != "softmax":
+        mass_other = (0.25 if squared_pred else 0.5) * (fg - N)
+    denom = P[..., :1] + P + mass_other + N
+    dice = (2 * S + smooth_nr) / (denom + smooth_dr)
+    dice = torch.where(present, dice, torch.full_like(dice, float("nan")))
+    return InstanceStats(ids=ids, size=N, mass=S, dice=dice, present=present)

@@ -1,0 +1,50 @@
+"""pytest-benchmark timings of blob Dice fwd+bwd, grouped by profile (excluded by default).
+
+    pytest -m benchmark                                   # run and print the grouped tables
+    pytest -m benchmark --benchmark-save=base             # store a baseline (.benchmarks/)
+    pytest -m benchmark --benchmark-compare=0001 --benchmark-compare-fail=median:10%   # gate
+
+One crop per profile; CUDA is synchronised inside the timed function.
+"""
+import pytest
+import torch
+
+import blobbench
+from blobbench.bench import forward_backward, loss_fn
+from blobbench.synthetic import profile_batch
+
+pytestmark = pytest.mark.benchmark
+
+PROFILES = ["ms", "shanel", "deepmact"]
+IMPLS = ["fused", "fused_tversky", "vectorized", "monai_dice", "naive"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and blobbench.has_cuda_kernels() else [])
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return {p: profile_batch(p, seed=0, batch=1) for p in PROFILES}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("profile", PROFILES)
+def test_forward_backward(benchmark, batches, profile, impl, device):
+    x, inst = batches[profile]
+    x = x.to(device).requires_grad_(True)
+    inst = inst.to(device)
+    fn = loss_fn(impl)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        forward_backward(fn, x, inst)
+        sync()
+
+    benchmark.group = f"{profile} {tuple(x.shape)} fwd+bwd"
+    benchmark.extra_info.update(profile=profile, impl=impl, device=device,
+                                instances=int(inst.max()))
+    step()  # warm-up
+    if impl == "naive":
+        benchmark.pedantic(step, rounds=3, iterations=1)
+    else:
+        benchmark(step)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

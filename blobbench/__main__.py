@@ -13,6 +13,9 @@ The default run is the project's main job (a few minutes on a 2-core CPU):
 
 The naive loop gets a time and a memory budget (--time-budget, --memory-budget); a case that
 exceeds them is recorded as "over budget" or "out of memory".
+
+``blobbench train`` (see ``blobbench train --help``) trains a small MONAI network with dice,
+blob dice, tversky or blob tversky on synthetic instance-imbalanced data and compares them.
 """
 from __future__ import annotations
 
@@ -231,8 +234,71 @@ def run_bench(args) -> dict:
     return result
 
 
+def build_train_parser():
+    from .train import LOSSES, TrainConfig, __doc__ as train_doc
+
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(prog="blobbench train", description=train_doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", action="store_true",
+                    help="the comparison: every loss (dice, blob_dice, tversky, blob_tversky) with seeds 0,1,2 "
+                         "(unless --loss / --seeds say otherwise)")
+    ap.add_argument("--loss", type=_csv(str), default=None,
+                    help=f"loss or losses, comma separated, from {', '.join(LOSSES)} (default blob_dice)")
+    ap.add_argument("--seeds", type=_csv(int), default=None, help="seeds, comma separated (default 0)")
+    ap.add_argument("--iterations", type=int, default=d.iterations, help=f"training steps per run (default {d.iterations})")
+    ap.add_argument("--batch", type=int, default=d.batch, help=f"crops per step (default {d.batch})")
+    ap.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    ap.add_argument("--dims", type=int, choices=(2, 3), default=d.dims, help="2D or 3D data (default 2)")
+    ap.add_argument("--image-size", type=int, default=d.image_size, help=f"image edge (default {d.image_size})")
+    ap.add_argument("--crop", type=int, default=d.crop, help=f"crop / sliding-window edge (default {d.crop})")
+    ap.add_argument("--train-images", type=int, default=d.train_images)
+    ap.add_argument("--test-images", type=int, default=d.test_images)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--device", default=None,
+                    help="cpu or cuda (default: cuda when a GPU and the CUDA kernels are present)")
+    ap.add_argument("--out", default="blobbench-train", help="output folder (default ./blobbench-train)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def main_train(argv):
+    from .train import LOSSES, TrainConfig, compare
+
+    ap = build_train_parser()
+    args = ap.parse_args(argv)
+    losses = args.loss or (list(LOSSES) if args.compare else ["blob_dice"])
+    seeds = args.seeds or ([0, 1, 2] if args.compare else [0])
+    for loss in losses:
+        if loss not in LOSSES:
+            ap.error(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    if args.iterations < 1 or args.batch < 1:
+        ap.error("--iterations and --batch must be >= 1")
+    if args.crop > args.image_size:
+        ap.error("--crop must not exceed --image-size")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import blobbench
+
+    gpu = torch.cuda.is_available() and blobbench.has_cuda_kernels()
+    device = args.device or ("cuda" if gpu else "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not gpu):
+        ap.error(f"--device must be cpu, or cuda with a GPU and the CUDA kernels; got {device!r}")
+    cfg = TrainConfig(device=device, dims=args.dims, image_size=args.image_size, crop=args.crop, iterations=args.iterations,
+                      batch=args.batch, lr=args.lr, train_images=args.train_images, test_images=args.test_images,
+                      threads=args.threads)
+    print(f"blobbench train: losses {losses}, seeds {seeds}, {cfg.iterations} iterations of batch {cfg.batch}, "
+          f"{cfg.dims}D {cfg.image_size}^{cfg.dims} images, crops {cfg.crop}^{cfg.dims}, "
+          f"{device}, {torch.get_num_threads()} threads", flush=True)
+    compare(losses, seeds, cfg, args.out, progress=not args.quiet)
+    print(f"wrote {args.out}/train_summary.json, table.md, figure.png, checkpoints/")
+    return 0
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return main_train(argv[1:])
     if argv and argv[0] == "bench":
         argv = argv[1:]
     ap = build_parser()

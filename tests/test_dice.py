@@ -1,4 +1,6 @@
 """The fused blob Dice / Tversky operators against the paper's loop with MONAI's losses."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +234,31 @@ def test_naive_loop_is_generic_over_criterion():
     # blob 1: domain {0, 1}: (0.5-1)^2 + 0.5^2 = 0.5; blob 2: domain {1, 2, 3}: 0.25 + 2 * 0.25 = 0.75
     got = blobbench.naive_blob_loss(x, instances, mse)
     assert got.item() == pytest.approx((0.5 + 0.75) / 2)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_cpu_isa_builds_agree(activation, tmp_path):
+    """The AVX2 build of the CPU kernels (picked at run time) against the baseline build
+    (BLOBBENCH_CPU_ISA=baseline, in a subprocess: the choice is made once per process)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np, torch, blobbench, sys
+sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+from helpers import random_instances
+rng = np.random.default_rng(5)
+inst = random_instances(rng, (2, 3, 9, 33, 35), 12, empty_prob=0.0)
+x = torch.randn(inst.shape, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+loss = blobbench.blob_dice(x, inst, activation={activation!r}, squared_pred=True)
+loss.backward()
+torch.save((loss.detach(), x.grad), sys.argv[1])
+"""
+    results = []
+    for isa in ("default", "baseline"):
+        env = dict(os.environ, BLOBBENCH_CPU_ISA=isa)
+        out = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True)
+        results.append(torch.load(out))
+    (l0, g0), (l1, g1) = results
+    assert rel_err(l0, l1) < 1e-6 and rel_err(g0, g1) < 1e-5

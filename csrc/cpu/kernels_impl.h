@@ -1,0 +1,293 @@
+// The CPU kernel bodies. Included twice by blob_loss_kernel.cpp, in two namespaces: once for the
+// baseline ISA and once (GCC on x86-64) under `#pragma GCC target("avx2,fma")`; the dispatcher
+// picks the AVX2 build at run time when the CPU has it. No include guard on purpose; include
+// only from blob_loss_kernel.cpp, after the standard and ATen headers.
+constexpr int64_t kBlock = 64;
+constexpr int64_t kGrain = 1 << 15;  // voxels per worker at least
+
+// exp for float in plain arithmetic so that loops over it vectorise (Cephes' expf polynomial,
+// about 1 ulp on the clamped range).
+inline float vec_exp(float x) {
+  // Branch-free clamp (std::min/max on references leaves control flow that blocks vectorising).
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: (v + magic) - magic rounds v to an integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+inline double vec_exp(double x) { return std::exp(x); }
+
+template <typename scalar_t>
+using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+// p = act(x) for sigmoid / none over one block.
+template <typename scalar_t, typename acc_t>
+inline void activate_block(const scalar_t* x, int64_t m, int32_t act, acc_t* p) {
+  if (act == kSigmoid) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) p[j] = acc_t(1) / (acc_t(1) + vec_exp(-static_cast<acc_t>(x[j])));
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) p[j] = static_cast<acc_t>(x[j]);
+  }
+}
+
+// Softmax over C channels (stride V) for one block of positions: p[c * kBlock + j].
+template <typename scalar_t, typename acc_t>
+inline void softmax_block(const scalar_t* x, int64_t V, int64_t C, int64_t m, acc_t* p) {
+  acc_t mx[kBlock], z[kBlock];
+  for (int64_t j = 0; j < m; ++j) mx[j] = static_cast<acc_t>(x[j]);
+  for (int64_t c = 1; c < C; ++c)
+    for (int64_t j = 0; j < m; ++j) mx[j] = std::max(mx[j], static_cast<acc_t>(x[c * V + j]));
+  for (int64_t j = 0; j < m; ++j) z[j] = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t* pc = p + c * kBlock;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      pc[j] = vec_exp(static_cast<acc_t>(x[c * V + j]) - mx[j]);
+      z[j] += pc[j];
+    }
+  }
+  for (int64_t j = 0; j < m; ++j) z[j] = acc_t(1) / z[j];
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < m; ++j) p[c * kBlock + j] *= z[j];
+}
+
+template <typename label_t>
+inline bool block_is_uniform(const label_t* lab, int64_t m) {
+  const label_t l0 = lab[0];
+  int diff = 0;
+  for (int64_t j = 0; j < m; ++j) diff |= (lab[j] != l0);
+  return diff == 0;
+}
+
+inline bool out_of_range(int64_t k, int64_t K) { return k < 0 || k >= K; }
+
+// Adds one block to the plane's table row[K][3]. Returns false on an out-of-range label.
+template <typename label_t, typename acc_t>
+inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int64_t K, bool squared,
+                             double* row) {
+  if (block_is_uniform(lab, m)) {
+    const int64_t k = static_cast<int64_t>(lab[0]);
+    if (out_of_range(k, K)) return false;
+    // In-block sums in acc_t (float for float inputs: at most 64 terms in [0, 1] each, in
+    // several SIMD partial sums), across blocks in double.
+    acc_t s = 0, q = 0;
+    if (squared) {
+#pragma omp simd reduction(+ : s, q)
+      for (int64_t j = 0; j < m; ++j) {
+        s += p[j];
+        q += p[j] * p[j];
+      }
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < m; ++j) s += p[j];
+      q = s;
+    }
+    double* e = row + k * kNumStats;
+    e[0] += static_cast<double>(s);
+    e[1] += static_cast<double>(q);
+    e[2] += double(m);
+    return true;
+  }
+  // Mixed block: aggregate runs of equal labels, flush on change.
+  int64_t cur = static_cast<int64_t>(lab[0]);
+  double s = 0.0, q = 0.0, n = 0.0;
+  bool ok = true;
+  for (int64_t j = 0; j <= m; ++j) {
+    const int64_t k = j < m ? static_cast<int64_t>(lab[j]) : -1;
+    if (j == m || k != cur) {
+      if (out_of_range(cur, K)) {
+        ok = false;
+      } else {
+        double* e = row + cur * kNumStats;
+        e[0] += s;
+        e[1] += squared ? q : s;
+        e[2] += n;
+      }
+      if (j == m) break;
+      cur = k;
+      s = q = n = 0.0;
+    }
+    const double v = p[j];
+    s += v;
+    q += v * v;
+    n += 1.0;
+  }
+  return ok;
+}
+
+// Splits [0, units) into a fixed number of parts (independent of scheduling) and runs
+// fn(part, begin, end) on the thread pool.
+template <typename Fn>
+void for_each_part(int64_t units, int64_t parts, const Fn& fn) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) fn(part, units * part / parts, units * (part + 1) / parts);
+  });
+}
+
+template <typename scalar_t, typename label_t>
+void accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
+                      int64_t K, at::Tensor& stats) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t B = input.size(0), C = input.size(1), V = input.size(2);
+  const scalar_t* x = input.data_ptr<scalar_t>();
+  const label_t* lab = labels.data_ptr<label_t>();
+  double* out = stats.data_ptr<double>();
+  const bool softmax = prm.activation == kSoftmax;
+  const bool squared = uses_pow(prm);
+  // A unit is one voxel of one plane, or for softmax one position of one batch element.
+  const int64_t planes_per_unit_row = softmax ? C : 1;
+  const int64_t units = (softmax ? B : B * C) * V;
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units / kGrain));
+  std::vector<std::vector<double>> tables(parts);
+  std::vector<int64_t> first_plane(parts);
+  std::atomic<bool> bad{false};
+
+  for_each_part(units, parts, [&](int64_t part, int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    const int64_t row0 = begin / V, row1 = (end - 1) / V;  // plane rows (softmax: batch rows)
+    const int64_t plane0 = row0 * planes_per_unit_row;
+    std::vector<double>& table = tables[part];
+    table.assign((row1 - row0 + 1) * planes_per_unit_row * K * kNumStats, 0.0);
+    first_plane[part] = plane0;
+    std::vector<acc_t> p((softmax ? C : 1) * kBlock);
+    uint8_t derived[kBlock];
+    bool ok = true;
+    for (int64_t u = begin; u < end;) {
+      const int64_t rowi = u / V, v = u % V;
+      const int64_t m = std::min({kBlock, V - v, end - u});
+      if (!softmax) {
+        activate_block(x + u, m, prm.activation, p.data());
+        double* row = table.data() + (rowi * planes_per_unit_row - plane0) * K * kNumStats;
+        ok &= accumulate_block(p.data(), lab + u, m, K, squared, row);
+      } else {
+        const int64_t b = rowi;
+        softmax_block(x + b * C * V + v, V, C, m, p.data());
+        for (int64_t j = 0; j < m; ++j) derived[j] = 1;
+        for (int64_t c = 1; c < C; ++c) {
+          const label_t* lc = lab + (b * C + c) * V + v;
+          for (int64_t j = 0; j < m; ++j) derived[j] &= (lc[j] == 0);
+          double* row = table.data() + (b * C + c - plane0) * K * kNumStats;
+          ok &= accumulate_block(p.data() + c * kBlock, lc, m, K, squared, row);
+        }
+        // Channel 0 is the background class: its target is "no instance in any other channel".
+        double* row0p = table.data() + (b * C - plane0) * K * kNumStats;
+        ok &= accumulate_block(p.data(), derived, m, K, squared, row0p);
+      }
+      u += m;
+    }
+    if (!ok) bad = true;
+  });
+  TORCH_CHECK_VALUE(!bad.load(), "blob loss: `instances` holds an id outside [0, max_label] (max_label = ",
+                    num(K - 1), "), or a negative id");
+  // Fixed-order merge.
+  for (int64_t part = 0; part < parts; ++part) {
+    const std::vector<double>& t = tables[part];
+    double* dst = out + first_plane[part] * K * kNumStats;
+    for (size_t i = 0; i < t.size(); ++i) dst[i] += t[i];
+  }
+}
+
+template <typename scalar_t, typename label_t>
+void backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& labels,
+                    const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t B = input.size(0), C = input.size(1), V = input.size(2);
+  const int64_t K = coef.size(2);
+  const scalar_t* x = input.data_ptr<scalar_t>();
+  const label_t* lab = labels.data_ptr<label_t>();
+  const double* cf = coef.data_ptr<double>();
+  scalar_t* gx = grad_input.data_ptr<scalar_t>();
+  const bool softmax = prm.activation == kSoftmax;
+  const bool squared = prm.squared_pred;
+  const acc_t go = static_cast<acc_t>(grad_out);
+  const int64_t units = (softmax ? B : B * C) * V;
+  std::atomic<bool> bad{false};
+
+  at::parallel_for(0, units, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> p((softmax ? C : 1) * kBlock), gp((softmax ? C : 1) * kBlock);
+    bool ok = true;
+    for (int64_t u = begin; u < end;) {
+      const int64_t rowi = u / V, v = u % V;
+      const int64_t m = std::min({kBlock, V - v, end - u});
+      if (!softmax) {
+        const double* row = cf + rowi * K * kNumCoef;
+        activate_block(x + u, m, prm.activation, p.data());
+        const label_t* l = lab + u;
+        if (block_is_uniform(l, m) && !out_of_range(int64_t(l[0]), K)) {
+          const acc_t a = static_cast<acc_t>(row[int64_t(l[0]) * kNumCoef]);
+          const acc_t b = static_cast<acc_t>(row[int64_t(l[0]) * kNumCoef + 1]);
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j)
+            gp[j] = grad_wrt_p(p[j], a, b, squared) * elementwise_act_grad(p[j], prm.activation);
+        } else {
+          for (int64_t j = 0; j < m; ++j) {
+            const int64_t k = int64_t(l[j]);
+            if (out_of_range(k, K)) {
+              ok = false;
+              gp[j] = 0;
+              continue;
+            }
+            gp[j] = grad_wrt_p(p[j], acc_t(row[k * kNumCoef]), acc_t(row[k * kNumCoef + 1]), squared) *
+                    elementwise_act_grad(p[j], prm.activation);
+          }
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) gx[u + j] = static_cast<scalar_t>(go * gp[j]);
+      } else {
+        const int64_t b = rowi;
+        softmax_block(x + b * C * V + v, V, C, m, p.data());
+        acc_t dot[kBlock];
+        uint8_t derived[kBlock];
+        for (int64_t j = 0; j < m; ++j) {
+          dot[j] = 0;
+          derived[j] = 1;
+        }
+        for (int64_t c = 1; c <= C; ++c) {
+          // channels 1..C-1 first, channel 0 (derived labels) last
+          const int64_t ch = c == C ? 0 : c;
+          const double* row = cf + (b * C + ch) * K * kNumCoef;
+          const label_t* lc = lab + (b * C + ch) * V + v;
+          for (int64_t j = 0; j < m; ++j) {
+            const int64_t k = ch == 0 ? int64_t(derived[j]) : int64_t(lc[j]);
+            if (ch != 0) derived[j] &= (lc[j] == 0);
+            acc_t g = 0;
+            if (out_of_range(k, K)) {
+              ok = false;
+            } else {
+              g = grad_wrt_p(p[ch * kBlock + j], acc_t(row[k * kNumCoef]), acc_t(row[k * kNumCoef + 1]), squared);
+            }
+            gp[ch * kBlock + j] = g;
+            dot[j] += g * p[ch * kBlock + j];
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t* g = gx + (b * C + c) * V + v;
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j)
+            g[j] = static_cast<scalar_t>(go * p[c * kBlock + j] * (gp[c * kBlock + j] - dot[j]));
+        }
+      }
+      u += m;
+    }
+    if (!ok) bad = true;
+  });
+  TORCH_CHECK_VALUE(!bad.load(), "blob loss backward: `instances` holds an id outside the coefficient table [0, ",
+                    num(K - 1), "]");
+}
+

@@ -16,7 +16,6 @@ than ``reps`` when they would take longer than ``max_case_s``), CUDA synchronise
 """
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import resource
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 __all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "Case", "loss_fn", "forward_backward", "Runner",
-           "profile_case", "instances_case", "volume_case", "file_case", "check_case"]
+           "profile_case", "instances_case", "volume_case", "file_case"]
 
 #: name -> (description, loss kind); the functions are built by :func:`loss_fn`.
 IMPLEMENTATIONS = {
@@ -367,14 +366,3 @@ class Runner:
         if timed_out:
             return {"status": "over budget", "error": "the float64 naive loop took too long"}
         return {k: v for k, v in msgs.items() if k != "event"}
-
-
-def check_case(runner: Runner, case: Case, devices, losses) -> dict:
-    """Largest differences of the fused ops against the naive loop on one case."""
-    return runner.check(case, devices, losses)
-
-
-def fmt_ms(seconds):
-    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
-        return "-"
-    return f"{seconds * 1e3:.3g}" if seconds < 1 else f"{seconds * 1e3:.0f}"

@@ -1,8 +1,6 @@
 """Tables, ratios and plots of a ``blobbench`` run (its JSON result)."""
 from __future__ import annotations
 
-import math
-
 __all__ = ["ratios", "print_report", "plot_report"]
 
 

@@ -226,8 +226,8 @@ def render_figure(test_x, test_m, predictions: dict, path: str, index: int = 0):
     gt_inst = blobbench.label_instances(gt)[0, 0]
     n = len(predictions) + 1
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.9))
-    axes[0].imshow(img, cmap="gray")
-    axes[0].contour(_mip(gt[0, 0].float()), levels=[0.5], colors="yellow", linewidths=0.6)
+    axes[0].imshow(img.numpy(), cmap="gray")
+    axes[0].contour(_mip(gt[0, 0].float()).numpy(), levels=[0.5], colors="yellow", linewidths=0.6)
     axes[0].set_title(f"image, ground truth (yellow)\n{int(gt_inst.max())} blobs", fontsize=9)
     for ax, (name, prob) in zip(axes[1:], predictions.items()):
         pred = prob[index : index + 1] > 0.5

@@ -27,6 +27,16 @@ def test_a_few_training_steps(loss, tmp_path):
     assert (tmp_path / "checkpoints" / f"{loss}_seed0.pt").exists()
 
 
+def test_3d_run_and_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from blobbench.train import compare
+
+    cfg = TrainConfig(**{**TINY, "dims": 3, "image_size": 32, "crop": 32, "iterations": 2})
+    r = compare(["dice", "blob_dice"], [0], cfg, str(tmp_path), progress=False)
+    assert set(r["table"]) == {"dice", "blob_dice"}
+    assert (tmp_path / "figure.png").stat().st_size > 5_000 and (tmp_path / "table.md").exists()
+
+
 def test_dataset_is_instance_imbalanced():
     cfg = TrainConfig(**{**TINY, "image_size": 96})
     images, masks = make_dataset(6, cfg, seed=0)

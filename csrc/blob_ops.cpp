@@ -9,13 +9,13 @@
 // Per call: an optional aminmax over the labels (skipped when max_label is given: then there is
 // no device-to-host sync at all), one pass over the voxels (accumulate), a finalisation over
 // the O(B*C*K) table, and in the backward one more pass over the voxels.
-#include <limits>
 #include "blob_ops.h"
 
 #include <ATen/Parallel.h>
 #include <Python.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 

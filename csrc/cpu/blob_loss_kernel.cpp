@@ -10,6 +10,9 @@
 //
 // Backward: one pass, grad = grad_out * (a[l] + b[l] * dpow(p)) * act'(x), with the (a, b)
 // table the finalisation computed from the forward sums (blob_loss_math.h).
+//
+// The bodies live in kernels_impl.h, compiled here twice: for the baseline ISA and, with GCC on
+// x86-64, for AVX2 + FMA; use_avx2() picks one at run time.
 #include <ATen/Dispatch.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>

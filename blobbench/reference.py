@@ -172,6 +172,33 @@ def _region(kind, s_t, n_t, p_dom, s_nont, masked, smooth_nr, smooth_dr, fp_weig
     return 1 - (tp + smooth_nr) / (tp + fp_weight * fp + fn_weight * fn + smooth_dr)
 
 
+def blob_terms(S, P, N, *, loss="dice", activation="sigmoid", masking="paper", squared_pred=False,
+               smooth_nr=1e-5, smooth_dr=1e-5, fp_weight=0.3, fn_weight=0.7):
+    """Every instance's blob-loss term from per-label sums (DESIGN.md section 3).
+
+    Args:
+        S, P, N: ``Tensor[B, C, K]``: per label of each (b, c), the sum of p, of p^q (q = 2 with
+            ``squared_pred`` for Dice, else q = 1: pass ``S``) and the voxel count; label 0 is
+            the background.
+        loss: ``"dice"`` or ``"tversky"``; the other arguments as in :func:`vectorized_blob_loss`.
+
+    Returns:
+        ``(terms, present)``, each ``Tensor[B, C, K - 1]`` for labels 1..K-1: the term of
+        instance k (its own voxels and the background; the other instances left out, or with
+        ``masking="official"`` and a sigmoid entering as logit 0, p = 0.5), and whether it is an
+        instance with a term (present, and not on channel 0 under softmax).
+    """
+    n_fg = N[..., 1:].sum(-1, keepdim=True)
+    squared = squared_pred and loss == "dice"
+    mass = (0.25 if squared else 0.5) if (masking == "official" and activation == "sigmoid") else 0.0
+    terms = _region(loss, S[..., 1:], N[..., 1:], P[..., :1] + P[..., 1:], S[..., :1],
+                    mass * (n_fg - N[..., 1:]), smooth_nr, smooth_dr, fp_weight, fn_weight)
+    present = N[..., 1:] > 0
+    if activation == "softmax":
+        present[:, 0] = False
+    return terms, present
+
+
 def vectorized_blob_loss(
     input: torch.Tensor,
     instances: torch.Tensor,
@@ -218,14 +245,10 @@ def vectorized_blob_loss(
     S, P, N = (t.view(B, C, K) for t in (S, P, N))
 
     args = (smooth_nr, smooth_dr, fp_weight, fn_weight)
-    s_fg, n_fg = S[..., 1:].sum(-1), N[..., 1:].sum(-1)
-    global_loss = _region(loss, s_fg, n_fg, P.sum(-1), S[..., 0], 0.0, *args)
-    mass = (0.25 if squared else 0.5) if (masking == "official" and activation == "sigmoid") else 0.0
-    blob = _region(loss, S[..., 1:], N[..., 1:], P[..., :1] + P[..., 1:], S[..., :1],
-                   mass * (n_fg.unsqueeze(-1) - N[..., 1:]), *args)
-    present = N[..., 1:] > 0
-    if activation == "softmax":
-        present[:, 0] = False
+    global_loss = _region(loss, S[..., 1:].sum(-1), N[..., 1:].sum(-1), P.sum(-1), S[..., 0], 0.0, *args)
+    blob, present = blob_terms(S, P, N, loss=loss, activation=activation, masking=masking,
+                               squared_pred=squared, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                               fp_weight=fp_weight, fn_weight=fn_weight)
     n_inst = present.sum(-1)
     plane_mean = torch.where(present, blob, 0).sum(-1) / n_inst.clamp(min=1)
     has = n_inst > 0

@@ -6,8 +6,8 @@ derives, for every instance of every (b, c), with no loop over instances:
 
 - ``size``: its voxel count;
 - ``mass``: the predicted probability mass inside it (sum of p over its voxels);
-- ``dice``: its own Dice, as in its blob-loss term (paper Eq. 1: the other instances of the
-  channel masked out; ``masking="official"`` counts them as p = 0.5).
+- ``dice``: its own Dice, 1 - its blob-loss term (paper Eq. 1: the other instances of the
+  channel masked out; ``masking="official"`` with a sigmoid counts them as logit 0, p = 0.5).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 
 from . import _ops  # noqa: F401  (registers the operators)
 from .losses import _check_options, _max_label_arg
+from .reference import blob_terms
 
 __all__ = ["InstanceStats", "instance_stats"]
 
@@ -76,22 +77,11 @@ def instance_stats(
         input.detach(), instances, activation=activation, squared_pred=squared_pred,
         max_label=_max_label_arg(max_label))
     S, P, N = stats.unbind(-1)
-    K = stats.shape[2]
-    if label_ids.numel():
-        ids = label_ids.to(torch.int64)
-    else:
-        ids = torch.arange(K, device=stats.device)
-    present = N > 0
-    present[..., 0] = False
-    if activation == "softmax":
-        present[:, 0] = False
-    # Blob term of instance k: its own voxels plus the background, the other instances masked out
-    # (paper) or entering with p = 0.5 (official, sigmoid/none): DESIGN.md section 3.
-    fg = N[..., 1:].sum(-1, keepdim=True)
-    mass_other = 0.0
-    if masking == "official" and activation != "softmax":
-        mass_other = (0.25 if squared_pred else 0.5) * (fg - N)
-    denom = P[..., :1] + P + mass_other + N
-    dice = (2 * S + smooth_nr) / (denom + smooth_dr)
+    ids = label_ids.to(torch.int64) if label_ids.numel() else torch.arange(stats.shape[2], device=stats.device)
+    # The closed form the losses use (masking rule included): dice = 1 - the instance's term.
+    terms, present = blob_terms(S, P, N, activation=activation, masking=masking,
+                                squared_pred=squared_pred, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+    present = torch.cat([torch.zeros_like(present[..., :1]), present], -1)
+    dice = torch.cat([torch.full_like(terms[..., :1], float("nan")), 1 - terms], -1)
     dice = torch.where(present, dice, torch.full_like(dice, float("nan")))
     return InstanceStats(ids=ids, size=N, mass=S, dice=dice, present=present)

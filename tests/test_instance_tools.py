@@ -14,11 +14,13 @@ from helpers import random_case
 # ----------------------------------------------------------------------------- instance_stats
 
 def _stats_oracle(x, instances, activation, masking, squared_pred, smooth_nr, smooth_dr):
-    """Loop over instances: size, mass, and MONAI DiceLoss on the instance's blob-loss domain."""
+    """Loop over instances as the paper's code does: size, mass, and 1 - MONAI DiceLoss on the
+    output masked for that instance (paper: p * mask; official: the masked logits x * mask, then
+    the activation, so a masked voxel is p = 0.5 under a sigmoid and p = 0 without one)."""
     from monai.losses import DiceLoss
 
-    p = {"sigmoid": torch.sigmoid, "none": lambda t: t,
-         "softmax": lambda t: torch.softmax(t, 1)}[activation](x.double())
+    act = {"sigmoid": torch.sigmoid, "none": lambda t: t, "softmax": lambda t: torch.softmax(t, 1)}[activation]
+    p = act(x.double())
     dice_loss = DiceLoss(reduction="none", squared_pred=squared_pred, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
     out = {}
     B, C = x.shape[:2]
@@ -31,13 +33,9 @@ def _stats_oracle(x, instances, activation, masking, squared_pred, smooth_nr, sm
                 if k == 0:
                     continue
                 own = lab == k
-                if masking == "paper":
-                    dom = (lab == 0) | own
-                    pd, td = pc[dom], own[dom].double()
-                else:  # official: other instances as p = 0.5, no gradient
-                    pd = torch.where((lab != 0) & ~own, torch.full_like(pc, 0.5), pc).reshape(-1)
-                    td = own.reshape(-1).double()
-                d = 1 - dice_loss(pd.view(1, 1, -1), td.view(1, 1, -1)).item()
+                mask = (lab == 0) | own
+                masked = pc * mask if masking == "paper" else act(x[b, c].double() * mask)
+                d = 1 - dice_loss(masked[None, None], own[None, None].double()).item()
                 out[(b, c, k)] = (own.sum().item(), pc[own].sum().item(), d)
     return out
 

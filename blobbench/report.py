@@ -1,6 +1,8 @@
 """Tables, ratios and plots of a ``blobbench`` run (its JSON result)."""
 from __future__ import annotations
 
+from .bench import IMPLEMENTATIONS
+
 __all__ = ["ratios", "print_report", "plot_report"]
 
 
@@ -84,8 +86,6 @@ def print_report(result: dict, file=None) -> None:
             m = _by(meas, case["name"], device)
             f = m.get("fused")
             for impl, r in m.items():
-                from .bench import IMPLEMENTATIONS
-
                 if r["status"] == "ok":
                     spread = f"[{r['min_s'] * 1e3:.3g}, {r['max_s'] * 1e3:.3g}]"
                     tr = (f"{r['median_s'] / f['median_s']:.2f}x" if f and f["status"] == "ok" else "-")
@@ -101,7 +101,7 @@ def print_report(result: dict, file=None) -> None:
             continue
         for device in devices:
             impls = sorted({r["impl"] for r in meas if r["kind"] == kind and r["device"] == device},
-                           key=list(_order()).index)
+                           key=list(IMPLEMENTATIONS).index)
             if not impls:
                 continue
             first = cases[0]
@@ -128,12 +128,6 @@ def print_report(result: dict, file=None) -> None:
     p("")
 
 
-def _order():
-    from .bench import IMPLEMENTATIONS
-
-    return IMPLEMENTATIONS.keys()
-
-
 _STYLE = {"naive": ("tab:red", "o"), "vectorized": ("tab:orange", "s"), "fused": ("tab:blue", "^"),
           "monai_dice": ("tab:gray", "D"), "naive_tversky": ("tab:pink", "o"),
           "fused_tversky": ("tab:cyan", "v")}
@@ -146,8 +140,6 @@ def plot_report(result: dict, outdir) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .bench import IMPLEMENTATIONS
 
     written = []
     meas = result["measurements"]

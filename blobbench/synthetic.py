@@ -76,12 +76,16 @@ def _cached(key: str, make):
     return arr
 
 
-def _paint_blob(mask, rng, center, r, lo_bound, hi_bound):
-    """Paint a union of 1 to 3 ellipsoids of radius about ``r`` near ``center``, clipped to the
-    box ``[lo_bound, hi_bound)``."""
+def paint_blob(mask, rng, center, r, lo_bound=None, hi_bound=None, *, spread: float = 0.6):
+    """Paint (in place) a union of 1 to 3 ellipsoids of radius about ``r``, their centres drawn
+    around ``center`` with std ``spread * r``, clipped to the box ``[lo_bound, hi_bound)``
+    (default: the whole array). Any number of dims."""
+    nd = mask.ndim
+    lo_bound = np.zeros(nd, dtype=int) if lo_bound is None else lo_bound
+    hi_bound = np.array(mask.shape) if hi_bound is None else hi_bound
     for _part in range(int(rng.integers(1, 4))):
-        radii = r * rng.uniform(0.6, 1.4, size=3)
-        c = center + rng.normal(0, r * 0.6, size=3)
+        radii = r * rng.uniform(0.6, 1.4, size=nd)
+        c = center + rng.normal(0, r * spread, size=nd)
         lo = np.maximum(np.floor(c - radii).astype(int), lo_bound)
         hi = np.minimum(np.ceil(c + radii).astype(int) + 1, hi_bound)
         if np.any(hi <= lo):
@@ -110,11 +114,10 @@ def synthetic_instances(shape, n_blobs: int, seed: int, *, connectivity: int = 2
     def make():
         rng = np.random.default_rng(seed)
         mask = np.zeros(shape, dtype=bool)
-        zero, top = np.zeros(3, dtype=int), np.array(shape)
         for _ in range(int(n_blobs)):
             r = _pareto_radius(rng, min(shape) / 6 + 1)
             center = np.array([rng.uniform(0, s) for s in shape])
-            _paint_blob(mask, rng, center, r, zero, top)
+            paint_blob(mask, rng, center, r)
         return cc3d.connected_components(mask, connectivity=connectivity).astype(np.int32)
 
     return _cached(f"synthetic:{shape}:{n_blobs}:{seed}:{connectivity}", make) if cache else make()
@@ -164,7 +167,7 @@ def grid_instances(shape, n: int, seed: int, *, cache: bool = True) -> np.ndarra
             local = np.zeros(tuple(inner_hi - inner_lo), dtype=bool)
             seed_voxel = tuple(np.round(center - inner_lo).astype(int).clip(0, inner_hi - inner_lo - 1))
             local[seed_voxel] = True  # never empty
-            _paint_blob(local, rng, center - inner_lo, r, np.zeros(3, dtype=int), np.array(local.shape))
+            paint_blob(local, rng, center - inner_lo, r)
             # Keep the part connected to the seed voxel: one blob is one component.
             parts = cc3d.connected_components(local, connectivity=26)
             mask[box] |= parts == parts[seed_voxel]

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .synthetic import paint_blob
+
 __all__ = ["TrainConfig", "make_dataset", "make_net", "make_loss", "train_step", "train_run",
            "compare", "LOSSES"]
 
@@ -54,17 +56,6 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- data
 
-def _blob(shape, rng, center, radius):
-    """A union of 1-3 ellipsoids of about ``radius`` near ``center`` (any number of dims)."""
-    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
-    mask = np.zeros(shape, dtype=bool)
-    for _ in range(int(rng.integers(1, 4))):
-        radii = radius * rng.uniform(0.6, 1.4, size=len(shape))
-        c = center + rng.normal(0, radius * 0.5, size=len(shape))
-        mask |= sum(((g - cc) / rr) ** 2 for g, cc, rr in zip(grids, c, radii)) <= 1.0
-    return mask
-
-
 def make_dataset(n: int, cfg: TrainConfig, seed: int):
     """``n`` images and masks: ``float32[n, 1, *shape]`` images, ``bool[n, 1, *shape]`` masks.
 
@@ -82,7 +73,8 @@ def make_dataset(n: int, cfg: TrainConfig, seed: int):
             for _ in range(int(rng.poisson(count))):
                 r = rng.uniform(6, 12) if kind == "large" else rng.uniform(1.0, 2.5)
                 center = rng.uniform(r, np.array(shape) - r)
-                b = _blob(shape, rng, center, r)
+                b = np.zeros(shape, dtype=bool)
+                paint_blob(b, rng, center, r, spread=0.5)
                 img[b] = np.maximum(img[b], 1.0 if kind == "large" else rng.uniform(0.35, 0.7))
                 m |= b
         images[i, 0] = img + rng.normal(0, cfg.noise, size=shape).astype(np.float32)

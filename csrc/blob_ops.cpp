@@ -199,22 +199,40 @@ void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const L
   });
 }
 
+namespace {
+
+// The one pass shared by the losses and label_stats: checks, label range, per-label sums.
+struct Accumulated {
+  at::Tensor stats;      // (B, C, K, 3) float64
+  at::Tensor invalid;    // int32 scalar on the device: an id outside [0, K) was met (CUDA)
+  at::Tensor label_ids;  // compacted ids, or empty
+};
+
+Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& input,
+                             const at::Tensor& instances, const LossParams& prm,
+                             int64_t max_label, const char* op) {
+  check_inputs(input, instances, prm.activation, max_label, op);
+  LabelRange range = resolve_labels(instances, prm.activation, max_label, op);
+  Accumulated a;
+  a.stats = at::zeros({input.size(0), input.size(1), range.K, kNumStats},
+                      input.options().dtype(at::kDouble));
+  a.invalid = at::zeros({}, input.options().dtype(at::kInt));
+  kernels.accumulate(as_planes(input), as_planes(range.labels), prm, range.K, a.stats, a.invalid);
+  a.label_ids = range.label_ids;
+  return a;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(
     const DeviceKernels& kernels, const at::Tensor& input, const at::Tensor& instances,
     const LossParams& prm, int64_t max_label, const char* op) {
-  check_inputs(input, instances, prm.activation, max_label, op);
-  LabelRange range = resolve_labels(instances, prm.activation, max_label, op);
-  const int64_t B = input.size(0), C = input.size(1);
-  auto x = as_planes(input);
-  auto lab = as_planes(range.labels);
+  Accumulated a = accumulate_stats(kernels, input, instances, prm, max_label, op);
   auto f64 = input.options().dtype(at::kDouble);
-  auto stats = at::zeros({B, C, range.K, kNumStats}, f64);
-  auto invalid = at::zeros({}, input.options().dtype(at::kInt));
-  kernels.accumulate(x, lab, prm, range.K, stats, invalid);
   auto loss = at::empty({}, f64);
-  auto coef = at::empty({B, C, range.K, kNumCoef}, f64);
-  kernels.finalize(stats, invalid, prm, loss, coef);
-  return {loss.to(input.scalar_type()), coef, range.label_ids};
+  auto coef = at::empty({input.size(0), input.size(1), a.stats.size(2), kNumCoef}, f64);
+  kernels.finalize(a.stats, a.invalid, prm, loss, coef);
+  return {loss.to(input.scalar_type()), coef, a.label_ids};
 }
 
 at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_out,
@@ -324,17 +342,10 @@ std::tuple<at::Tensor, at::Tensor> label_stats_with(const DeviceKernels& k, cons
   // default masking select the accumulation (activation, squared_pred).
   auto prm = make_params(kDice, 1.0, 1.0, std::string(activation), "paper", squared_pred, 0.0,
                          0.0, 0.0, 0.0, op);
-  check_inputs(input, instances, prm.activation, max_label, op);
-  LabelRange range = resolve_labels(instances, prm.activation, max_label, op);
-  auto x = as_planes(input);
-  auto lab = as_planes(range.labels);
-  auto stats =
-      at::zeros({input.size(0), input.size(1), range.K, kNumStats}, input.options().dtype(at::kDouble));
-  auto invalid = at::zeros({}, input.options().dtype(at::kInt));
-  k.accumulate(x, lab, prm, range.K, stats, invalid);
+  Accumulated a = accumulate_stats(k, input, instances, prm, max_label, op);
   // An id above max_label on CUDA (no sync to raise): make the result unmistakable, as the loss.
-  stats.masked_fill_(invalid.ne(0), std::numeric_limits<double>::quiet_NaN());
-  return {stats, range.label_ids};
+  a.stats.masked_fill_(a.invalid.ne(0), std::numeric_limits<double>::quiet_NaN());
+  return {a.stats, a.label_ids};
 }
 
 TORCH_LIBRARY(blob, m) {

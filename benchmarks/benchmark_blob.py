@@ -12,8 +12,8 @@ One crop per profile (``batch=1``) keeps the naive loop to seconds.
 import torch
 
 import blobbench
-from blobbench.bench import forward_backward, loss_fn
-from blobbench.synthetic import grid_instances, logits_like, profile_batch
+from blobbench.bench.bench import forward_backward, loss_fn
+from blobbench.bench.synthetic import grid_instances, logits_like, profile_batch
 
 PROFILES = ["ms", "lits", "disco", "shanel", "deepmact"]
 IMPLS = ["fused", "fused_tversky", "vectorized", "naive", "monai_dice"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import blobbench
-from blobbench import bench
-from blobbench.__main__ import main
-from blobbench.labelfiles import crops_from_labels, load_label_volume
-from blobbench.synthetic import PROFILES, grid_instances, profile_batch, synthetic_instances
+from blobbench.bench import bench
+from blobbench.bench.cli import main
+from blobbench.bench.labelfiles import crops_from_labels, load_label_volume
+from blobbench.bench.synthetic import PROFILES, grid_instances, profile_batch, synthetic_instances
 
 
 @pytest.fixture(autouse=True)

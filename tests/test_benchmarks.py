@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import blobbench
-from blobbench.bench import forward_backward, loss_fn
-from blobbench.synthetic import profile_batch
+from blobbench.bench.bench import forward_backward, loss_fn
+from blobbench.bench.synthetic import profile_batch
 
 pytestmark = pytest.mark.benchmark
 

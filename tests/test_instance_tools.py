@@ -6,7 +6,7 @@ import torch
 
 import blobbench
 from blobbench import BlobMetrics, LabelInstancesd, blob_metrics, detection_counts, instance_stats
-from blobbench.synthetic import grid_instances
+from blobbench.bench.synthetic import grid_instances
 from conftest import devices
 from helpers import random_case
 

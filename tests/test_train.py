@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import blobbench
-from blobbench.train import LOSSES, TrainConfig, make_dataset, make_loss, make_net, train_run
+from blobbench.bench.train import LOSSES, TrainConfig, make_dataset, make_loss, make_net, train_run
 
 TINY = dict(dims=2, image_size=48, crop=32, train_images=4, test_images=2, iterations=3, batch=2,
             features=(4, 8, 16, 32))
@@ -29,7 +29,7 @@ def test_a_few_training_steps(loss, tmp_path):
 
 def test_3d_run_and_figure(tmp_path):
     pytest.importorskip("matplotlib")
-    from blobbench.train import compare
+    from blobbench.bench.train import compare
 
     cfg = TrainConfig(**{**TINY, "dims": 3, "image_size": 32, "crop": 32, "iterations": 2})
     r = compare(["dice", "blob_dice"], [0], cfg, str(tmp_path), progress=False)

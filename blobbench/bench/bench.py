@@ -299,7 +299,7 @@ class Runner:
         self.threads, self.reps, self.max_case_s = threads, reps, max_case_s
         self.time_budget_s, self.mem_budget_bytes = time_budget_s, mem_budget_bytes
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["blobbench.bench", "monai.losses"])
+        self.ctx.set_forkserver_preload(["blobbench.bench.bench", "monai.losses"])
 
     def _run(self, target, task, timeouts):
         parent, child = self.ctx.Pipe(duplex=False)

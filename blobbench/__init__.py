@@ -2,38 +2,78 @@
 
 ``torch.ops.blob.dice`` / ``torch.ops.blob.tversky`` compute every per-instance term of blob
 loss (Kofler et al. 2022) in one pass over the voxels, on the CPU and on CUDA.
+
+``import blobbench`` needs torch (and numpy) only. The features with optional dependencies load
+them when first used and say which extra installs them: :func:`label_instances` and the metrics
+on bool masks need cc3d (``blobbench[instances]``); :class:`LabelInstancesd` and the loop
+references :func:`naive_blob_dice` / :func:`naive_blob_tversky` need MONAI (``blobbench[monai]``);
+the benchmark app in :mod:`blobbench.bench` needs ``blobbench[bench]``.
 """
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
 from ._ops import dense_label_limit, has_cuda_kernels
 from .instances import label_instances
 from .losses import BlobDiceLoss, BlobTverskyLoss, blob_dice, blob_tversky
 from .metrics import BlobMetrics, blob_metrics, detection_counts
 from .stats import InstanceStats, instance_stats
-from .transforms import LabelInstancesd
-from .reference import (
-    naive_blob_dice,
-    naive_blob_loss,
-    naive_blob_tversky,
-    vectorized_blob_loss,
-)
 
 __version__ = "0.1.0"
+
+# Loaded on first access (PEP 562): the transform subclasses a MONAI class, and the references
+# are the test oracle, not part of the loss library.
+_LAZY = {
+    "LabelInstancesd": "transforms",
+    "naive_blob_dice": "reference",
+    "naive_blob_loss": "reference",
+    "naive_blob_tversky": "reference",
+    "vectorized_blob_loss": "reference",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .reference import (
+        naive_blob_dice,
+        naive_blob_loss,
+        naive_blob_tversky,
+        vectorized_blob_loss,
+    )
+    from .transforms import LabelInstancesd
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'blobbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BlobDiceLoss",
     "BlobMetrics",
+    "BlobTverskyLoss",
     "InstanceStats",
     "LabelInstancesd",
-    "blob_metrics",
-    "detection_counts",
-    "instance_stats",
-    "BlobTverskyLoss",
     "blob_dice",
+    "blob_metrics",
     "blob_tversky",
     "dense_label_limit",
+    "detection_counts",
     "has_cuda_kernels",
+    "instance_stats",
     "label_instances",
     "naive_blob_dice",
     "naive_blob_loss",
     "naive_blob_tversky",
     "vectorized_blob_loss",
 ]
+if importlib.util.find_spec("monai") is None:  # `from blobbench import *` works without the extra
+    __all__.remove("LabelInstancesd")

@@ -4,14 +4,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._optional import require
+
 __all__ = ["label_instances"]
 
 _CONNECTIVITY = {1: (2,), 2: (4, 8), 3: (6, 18, 26)}
 
 
 def _label_plane(mask: np.ndarray, connectivity: int) -> np.ndarray:
-    import cc3d
-
+    cc3d = require("cc3d", "instances", "label_instances")
     if mask.ndim == 1:
         # cc3d labels 2D and 3D arrays: a line is a 1 x L image.
         return _label_plane(mask[None], 4)[0]

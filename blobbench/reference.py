@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from ._optional import require
+
 __all__ = [
     "naive_blob_loss",
     "naive_blob_dice",
@@ -132,7 +134,7 @@ def naive_blob_dice(
     :func:`naive_blob_loss` with ``DiceLoss`` per instance. Arguments as in
     :func:`blobbench.blob_dice`.
     """
-    from monai.losses import DiceLoss
+    DiceLoss = require("monai.losses", "monai", "naive_blob_dice").DiceLoss
 
     def make(own_sigmoid):
         return DiceLoss(include_background=True, sigmoid=own_sigmoid, squared_pred=squared_pred,
@@ -156,7 +158,7 @@ def naive_blob_tversky(
 ) -> torch.Tensor:
     """Blob Tversky with the paper's loop and MONAI's ``TverskyLoss`` (its alpha, beta =
     ``fp_weight``, ``fn_weight``): the oracle of ``blob_tversky``."""
-    from monai.losses import TverskyLoss
+    TverskyLoss = require("monai.losses", "monai", "naive_blob_tversky").TverskyLoss
 
     def make(own_sigmoid):
         return TverskyLoss(include_background=True, sigmoid=own_sigmoid, alpha=fp_weight,

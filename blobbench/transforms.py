@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._optional import require
 from .instances import label_instances
 
 __all__ = ["LabelInstancesd", "smallest_label_dtype"]
@@ -26,10 +27,8 @@ def smallest_label_dtype(max_id: int) -> torch.dtype:
     raise ValueError(f"{max_id} instances do not fit int64")
 
 
-try:
-    from monai.transforms import MapTransform
-except ImportError:  # pragma: no cover - monai is a dependency
-    MapTransform = object
+MapTransform = require("monai.transforms", "monai", "LabelInstancesd").MapTransform
+MetaTensor = require("monai.data", "monai", "LabelInstancesd").MetaTensor
 
 
 class LabelInstancesd(MapTransform):
@@ -81,12 +80,7 @@ class LabelInstancesd(MapTransform):
                 if inst.numel() and int(inst.max()) > torch.iinfo(dtype).max:
                     raise ValueError(f"LabelInstancesd: {int(inst.max())} instances in {key!r} do not fit {dtype}")
             inst = inst.to(dtype)
-            try:
-                from monai.data import MetaTensor
-
-                if isinstance(label, MetaTensor):
-                    inst = MetaTensor(inst, meta=dict(label.meta), applied_operations=list(label.applied_operations))
-            except ImportError:  # pragma: no cover
-                pass
+            if isinstance(label, MetaTensor):
+                inst = MetaTensor(inst, meta=dict(label.meta), applied_operations=list(label.applied_operations))
             d[f"{key}{self.postfix}"] = inst
         return d

@@ -6,27 +6,35 @@ to be read against ``peakmem_reference`` (the same setup, no loss: the inputs, t
 ``track_peak_cuda_bytes`` is the CUDA allocator's peak above the inputs (skipped without a GPU).
 One crop per profile (``batch=1``) keeps the naive loop to seconds.
 
+Devices: ``cpu`` and ``cuda`` unless ``$BLOBBENCH_DEVICES`` names others (``cpu,cuda:1``); each is
+normalised to an indexed device in ``setup`` (``cuda`` is the current GPU); CUDA parameters are
+skipped without a GPU or the CUDA kernels.
+
     asv run --python=same --quick            # this environment, each benchmark once
     asv run --python=same --bench "ProfileSuite.time_forward_backward"
 """
 import torch
 
 import blobbench
-from blobbench.bench.bench import forward_backward, loss_fn
+from blobbench.bench.bench import (cuda_memory_begin, cuda_memory_peak, devices_from_env, forward_backward, loss_fn,
+                                   normalize_device, synchronize)
 from blobbench.bench.synthetic import grid_instances, logits_like, profile_batch
 
 PROFILES = ["ms", "lits", "disco", "shanel", "deepmact"]
 IMPLS = ["fused", "fused_tversky", "vectorized", "naive", "monai_dice"]
-DEVICES = ["cpu", "cuda"]
+DEVICES = devices_from_env()
+CUDA_DEVICES = [d for d in DEVICES if d.startswith("cuda")] or ["cuda"]
 
 
 def _have_cuda():
     return torch.cuda.is_available() and blobbench.has_cuda_kernels()
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def _device(device):
+    """The indexed device for a parameter; asv skips (NotImplementedError) a CUDA one without a GPU."""
+    if device.startswith("cuda") and not _have_cuda():
+        raise NotImplementedError("no CUDA device or no CUDA kernels")  # asv: skipped
+    return normalize_device(device)
 
 
 class _Base:
@@ -34,22 +42,20 @@ class _Base:
     warmup_time = 0.2
 
     def _prepare(self, x, inst, impl, device):
-        if device == "cuda" and not _have_cuda():
-            raise NotImplementedError("no CUDA device or no CUDA kernels")  # asv: skipped
-        self.device = device
+        self.device = device = _device(device)
         self.fn = loss_fn(impl)
         self.x = x.to(device).requires_grad_(True)
         self.inst = inst.to(device)
         forward_backward(self.fn, self.x, self.inst)  # warm-up: lazy init, allocator
-        _sync(device)
+        synchronize(device)
 
     def time_forward(self, *params):
         self.fn(self.x, self.inst)
-        _sync(self.device)
+        synchronize(self.device)
 
     def time_forward_backward(self, *params):
         forward_backward(self.fn, self.x, self.inst)
-        _sync(self.device)
+        synchronize(self.device)
 
     def peakmem_forward_backward(self, *params):
         forward_backward(self.fn, self.x, self.inst)
@@ -82,24 +88,22 @@ class InstanceScaling(_Base):
 
 class CudaMemory:
     """Peak CUDA bytes above the inputs for one forward + backward (skipped without a GPU)."""
-    params = (PROFILES, IMPLS)
-    param_names = ["profile", "impl"]
+    params = (PROFILES, IMPLS, CUDA_DEVICES)
+    param_names = ["profile", "impl", "device"]
     timeout = 600
 
-    def setup(self, profile, impl):
-        if not _have_cuda():
-            raise NotImplementedError("no CUDA device or no CUDA kernels")
+    def setup(self, profile, impl, device):
+        self.device = torch.device(_device(device))
         x, inst = profile_batch(profile, seed=0, batch=1)
         self.fn = loss_fn(impl)
-        self.x = x.cuda().requires_grad_(True)
-        self.inst = inst.cuda()
+        self.x = x.to(self.device).requires_grad_(True)
+        self.inst = inst.to(self.device)
 
-    def track_peak_cuda_bytes(self, profile, impl):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    def track_peak_cuda_bytes(self, profile, impl, device):
+        synchronize(self.device)
+        base = cuda_memory_begin(self.device, 0)
         forward_backward(self.fn, self.x, self.inst)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        synchronize(self.device)
+        return cuda_memory_peak(self.device, base)
 
     track_peak_cuda_bytes.unit = "bytes"

@@ -4,20 +4,22 @@
     pytest -m benchmark --benchmark-save=base             # store a baseline (.benchmarks/)
     pytest -m benchmark --benchmark-compare=0001 --benchmark-compare-fail=median:10%   # gate
 
-One crop per profile; CUDA is synchronised inside the timed function.
+One crop per profile; CUDA is synchronised inside the timed function. Devices: cpu, plus cuda
+when a GPU and the CUDA kernels are present, or ``$BLOBBENCH_DEVICES`` (``cpu,cuda:1``).
 """
 import pytest
 import torch
 
 import blobbench
-from blobbench.bench.bench import forward_backward, loss_fn
+from blobbench.bench.bench import devices_from_env, forward_backward, loss_fn, normalize_device, synchronize
 from blobbench.bench.synthetic import profile_batch
 
 pytestmark = pytest.mark.benchmark
 
 PROFILES = ["ms", "shanel", "deepmact"]
 IMPLS = ["fused", "fused_tversky", "vectorized", "monai_dice", "naive"]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and blobbench.has_cuda_kernels() else [])
+_HAVE_CUDA = torch.cuda.is_available() and blobbench.has_cuda_kernels()
+DEVICES = devices_from_env("cpu,cuda" if _HAVE_CUDA else "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +31,15 @@ def batches():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("profile", PROFILES)
 def test_forward_backward(benchmark, batches, profile, impl, device):
+    device = normalize_device(device)  # cuda -> cuda:N (fails clearly without that device)
     x, inst = batches[profile]
     x = x.to(device).requires_grad_(True)
     inst = inst.to(device)
     fn = loss_fn(impl)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         forward_backward(fn, x, inst)
-        sync()
+        synchronize(device)
 
     benchmark.group = f"{profile} {tuple(x.shape)} fwd+bwd"
     benchmark.extra_info.update(profile=profile, impl=impl, device=device,

@@ -21,12 +21,15 @@ import os
 import resource
 import statistics
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 __all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "Case", "loss_fn", "forward_backward", "Runner",
-           "profile_case", "instances_case", "volume_case", "file_case"]
+           "profile_case", "instances_case", "volume_case", "file_case", "normalize_device",
+           "normalize_devices", "devices_from_env", "synchronize", "cuda_budget_fraction",
+           "cuda_memory_begin", "cuda_memory_peak"]
 
 #: name -> (description, loss kind); the functions are built by :func:`loss_fn`.
 IMPLEMENTATIONS = {
@@ -60,6 +63,90 @@ def loss_fn(impl: str):
         dice = DiceLoss(sigmoid=True)
         return lambda x, i: dice(x, (i > 0).to(x.dtype))
     raise ValueError(f"unknown implementation {impl!r}; choose from {sorted(IMPLEMENTATIONS)}")
+
+
+# ----------------------------------------------------------------------------- devices
+
+def normalize_device(spec) -> str:
+    """``"cpu"``, or ``"cuda:N"`` with an explicit index, for ``cpu``, ``cuda``, ``cuda:N`` (or a
+    ``torch.device``). ``cuda`` means the current CUDA device. Done once, where the devices enter
+    (the command, the asv suites, the pytest-benchmark cases), so that every CUDA call downstream
+    gets an indexed device (``torch.cuda.set_per_process_memory_fraction`` rejects a bare
+    ``cuda``).
+
+    Raises:
+        ValueError: not cpu/cuda, no CUDA device or no CUDA kernels, or an index past the devices.
+    """
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"not a device: {spec!r} (use cpu, cuda or cuda:N)") from e
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise ValueError(f"unsupported device {spec!r}: use cpu, cuda or cuda:N")
+    import blobbench
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: no CUDA device is available")
+    if not blobbench.has_cuda_kernels():
+        raise ValueError(f"device {spec!r}: blobbench was built without the CUDA kernels")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if not 0 <= index < count:
+        raise ValueError(f"device {spec!r}: there {'is' if count == 1 else 'are'} {count} CUDA "
+                         f"device{'' if count == 1 else 's'} (cuda:0 ... cuda:{count - 1})")
+    return f"cuda:{index}"
+
+
+def normalize_devices(specs) -> list[str]:
+    """:func:`normalize_device` of each, duplicates (``cuda`` and ``cuda:0``) dropped, order kept."""
+    out = []
+    for s in specs:
+        d = normalize_device(s)
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def devices_from_env(default="cpu,cuda", var="BLOBBENCH_DEVICES") -> list[str]:
+    """The device names the asv suites and pytest-benchmark cases are parametrised over:
+    ``$BLOBBENCH_DEVICES`` (comma separated, e.g. ``cpu,cuda:1``) or ``default``. Not
+    normalised here (the parameter names must not depend on the machine); the suites normalise
+    each in their setup."""
+    return [d.strip() for d in os.environ.get(var, default).split(",") if d.strip()]
+
+
+def synchronize(device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def cuda_budget_fraction(base: int, budget: int, total: int) -> float:
+    """The per-process memory fraction that lets the allocator hold ``budget`` bytes above the
+    ``base`` bytes already allocated, on a device of ``total`` bytes (at most 1)."""
+    return float(min(1.0, (base + budget) / total))
+
+
+def cuda_memory_begin(device: torch.device, budget: int) -> int:
+    """Start the memory accounting on a CUDA device (after the inputs exist): reset the peak,
+    return the bytes allocated now (the base); with a ``budget`` (bytes, 0 = none) cap the
+    allocator at base + budget, so that going past it raises torch's OutOfMemoryError."""
+    if device.index is None:
+        raise ValueError(f"cuda_memory_begin needs an indexed device, got {device}")
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    if budget:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(cuda_budget_fraction(base, budget, total), device)
+    return int(base)
+
+
+def cuda_memory_peak(device: torch.device, base: int) -> int:
+    """Peak bytes allocated on ``device`` since :func:`cuda_memory_begin`, above its base."""
+    return int(torch.cuda.max_memory_allocated(device) - base)
 
 
 def forward_backward(fn, x, inst):
@@ -187,8 +274,10 @@ def _worker(conn, task):
     try:
         _steady_malloc()
         torch.set_num_threads(task["threads"])
-        device = torch.device(task["device"])
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        device = torch.device(normalize_device(task["device"]))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         fn = loss_fn(task["impl"])
         x, inst = torch.load(task["path"])
         # Warm-up on a tiny input: thread pools, lazy imports, the CUDA context, kernel caches.
@@ -214,11 +303,7 @@ def _worker(conn, task):
             else:
                 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         else:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            if budget:
-                total = torch.cuda.get_device_properties(device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, (base + budget) / total), device)
+            base = cuda_memory_begin(device, budget)
         conn.send({"event": "ready"})
         t0 = time.perf_counter()
         try:
@@ -233,7 +318,7 @@ def _worker(conn, task):
         if device.type == "cpu":
             peak = (_vm("VmHWM") if _have_proc() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
         else:
-            peak = torch.cuda.max_memory_allocated(device) - base
+            peak = cuda_memory_peak(device, base)
         conn.send({"event": "first", "first_call_s": first, "peak_bytes": int(peak)})
         reps = task["reps"]
         n = reps if first * reps <= task["max_case_s"] else max(min(3, reps), int(task["max_case_s"] / first))
@@ -246,10 +331,18 @@ def _worker(conn, task):
             times.append(time.perf_counter() - t0)
         conn.send({"event": "done", "status": "ok", "times_s": times})
     except BaseException as e:  # noqa: BLE001 - reported to the parent, never a silent crash
-        status = "out of memory" if _is_oom(e) else "error"
-        conn.send({"event": "done", "status": status, "error": f"{type(e).__name__}: {e}"[:300]})
+        conn.send(_failure(e))
     finally:
         conn.close()
+
+
+def _failure(e: BaseException) -> dict:
+    """The message a worker sends for an exception: out of memory is a result; anything else is
+    an error, sent with its whole traceback."""
+    if _is_oom(e):
+        return {"event": "done", "status": "out of memory", "error": str(e).splitlines()[0][:200]}
+    return {"event": "done", "status": "error", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+            "traceback": traceback.format_exc()}
 
 
 def _check_worker(conn, task):
@@ -277,8 +370,7 @@ def _check_worker(conn, task):
                 }
         conn.send({"event": "done", "status": "ok", "checks": out})
     except BaseException as e:  # noqa: BLE001
-        status = "out of memory" if _is_oom(e) else "error"
-        conn.send({"event": "done", "status": status, "error": f"{type(e).__name__}: {e}"[:300]})
+        conn.send(_failure(e))
     finally:
         conn.close()
 
@@ -348,7 +440,7 @@ class Runner:
             res.update(status="error", error=f"no '{timed_out}' from the worker in time")
             return res
         res["status"] = msgs.get("status", "error")
-        for k in ("error", "first_call_s", "peak_bytes", "exitcode"):
+        for k in ("error", "traceback", "first_call_s", "peak_bytes", "exitcode"):
             if k in msgs:
                 res[k] = msgs[k]
         if res["status"] == "error" and "error" not in res:

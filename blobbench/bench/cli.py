@@ -58,8 +58,10 @@ def _machine(devices):
             "memory_method": ("CPU: peak RSS (VmHWM) of a fresh process, reset after warm-up"
                               if os.path.exists("/proc/self/clear_refs") else "CPU: ru_maxrss growth")}
     summary = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if "cuda" in devices:
-        info["gpu"] = torch.cuda.get_device_name(0)
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if cuda:
+        info["gpus"] = {d: torch.cuda.get_device_name(torch.device(d)) for d in cuda}
+        info["gpu"] = ", ".join(sorted(set(info["gpus"].values())))
         info["memory_method"] += "; CUDA: max_memory_allocated above the inputs"
         summary += f", {info['gpu']}"
     info["summary"] = summary
@@ -94,7 +96,8 @@ def build_parser():
                          "naive_tversky, monai_dice (default: all but naive_tversky); the sweeps use the "
                          "Dice ones among them")
     ap.add_argument("--devices", type=_csv(str), default=None,
-                    help="cpu and/or cuda (default: cpu, plus cuda when a GPU and the CUDA kernels are present)")
+                    help="cpu, cuda (the current GPU) and/or cuda:N, comma separated (default: cpu, plus cuda "
+                         "when a GPU and the CUDA kernels are present)")
     ap.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement, at most (default 10)")
     ap.add_argument("--max-case-seconds", type=float, default=2.0,
                     help="use fewer repetitions (at least 3) when they would take longer (default 2)")
@@ -149,14 +152,15 @@ def _validate(args, ap):
             ap.error(f"label file not found: {f}")
     import blobbench
 
+    from .bench import normalize_devices
+
     gpu = torch.cuda.is_available() and blobbench.has_cuda_kernels()
     if args.devices is None:
         args.devices = ["cpu"] + (["cuda"] if gpu else [])
-    for d in args.devices:
-        if d not in ("cpu", "cuda"):
-            ap.error(f"--devices takes cpu and/or cuda, got {d!r}")
-        if d == "cuda" and not gpu:
-            ap.error("--devices cuda: no CUDA device, or blobbench was built without the CUDA kernels")
+    try:
+        args.devices = normalize_devices(args.devices)  # cuda -> cuda:N, once, for every CUDA call
+    except ValueError as e:
+        ap.error(f"--devices: {e}")
 
 
 def run_bench(args) -> dict:
@@ -228,10 +232,38 @@ def run_bench(args) -> dict:
         except ImportError:
             print("matplotlib is not installed: no plots (pip install 'blobbench[bench]')")
     print(f"wrote {', '.join(written)} in {result['elapsed_s']:.0f} s")
-    failed = [c for c, chk in checks.items() if chk.get("status") != "ok"]
+    failed = [c for c, chk in checks.items() if chk.get("status") not in ("ok", "error")]
     if failed:
-        print(f"WARNING: the check against the naive loop did not complete for {failed}")
+        print(f"WARNING: the check against the naive loop did not complete for {failed} (over budget or out of "
+              "memory)")
     return result
+
+
+def run_errors(result: dict) -> list[str]:
+    """One text per measurement or check of ``result`` that failed with an error (not "over budget"
+    or "out of memory", which are results), with the worker's whole traceback."""
+    out = []
+    for m in result["measurements"]:
+        if m["status"] not in ("ok", "over budget", "out of memory"):
+            out.append(f"measurement {m['case']} / {m['impl']} / {m['device']}: {m['status']}: "
+                       f"{m.get('error', '')}\n{m.get('traceback', '(no traceback)')}")
+    for name, chk in result.get("checks", {}).items():
+        if chk.get("status") not in ("ok", "over budget", "out of memory"):
+            out.append(f"check {name}: {chk.get('status')}: {chk.get('error', '')}\n"
+                       f"{chk.get('traceback', '(no traceback)')}")
+    return out
+
+
+def report_errors(result: dict, file=None) -> int:
+    """Print every error of a run in full (stderr); the exit code: 1 if there was one, else 0."""
+    errors = run_errors(result)
+    file = file or sys.stderr
+    for e in errors:
+        print(f"\nERROR in {e}", file=file)
+    if errors:
+        print(f"\nblobbench: {len(errors)} measurement(s) or check(s) failed with an error (above); the results "
+              "written are incomplete", file=file)
+    return 1 if errors else 0
 
 
 def build_train_parser():
@@ -304,8 +336,8 @@ def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     _validate(args, ap)
-    run_bench(args)
-    return 0
+    result = run_bench(args)
+    return report_errors(result)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
   time and autograd memory grow as O(N * V). It works with *any* criterion (the paper's point:
   "convert any loss"); :func:`naive_blob_dice` / :func:`naive_blob_tversky` use MONAI's
   ``DiceLoss`` / ``TverskyLoss`` and are the ground truth of the tests.
-* :func:`vectorized_blob_loss` is the closed form of DESIGN.md section 3 in plain PyTorch
-  (``index_add`` of per-label sums, autograd for the backward): what a strong user would write
-  without our kernels, and the baseline the fused op must beat.
+* :func:`vectorized_blob_loss` is the closed form (:mod:`blobbench.closed_form`, docs/design.md)
+  in plain PyTorch (``index_add`` of per-label sums, autograd for the backward): what a strong
+  user would write without our kernels, and the baseline the fused op must beat.
+
+The references import the library (the closed form), never the reverse.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 
 from ._optional import require
+from .closed_form import blob_terms, global_terms, reduce_blob_terms
 
 __all__ = [
     "naive_blob_loss",
@@ -167,40 +170,6 @@ def naive_blob_tversky(
     return _naive_total(input, instances, make, alpha, beta, activation, masking)
 
 
-def _region(kind, s_t, n_t, p_dom, s_nont, masked, smooth_nr, smooth_dr, fp_weight, fn_weight):
-    if kind == "dice":
-        return 1 - (2 * s_t + smooth_nr) / (p_dom + masked + n_t + smooth_dr)
-    tp, fp, fn = s_t, s_nont + masked, n_t - s_t
-    return 1 - (tp + smooth_nr) / (tp + fp_weight * fp + fn_weight * fn + smooth_dr)
-
-
-def blob_terms(S, P, N, *, loss="dice", activation="sigmoid", masking="paper", squared_pred=False,
-               smooth_nr=1e-5, smooth_dr=1e-5, fp_weight=0.3, fn_weight=0.7):
-    """Every instance's blob-loss term from per-label sums (DESIGN.md section 3).
-
-    Args:
-        S, P, N: ``Tensor[B, C, K]``: per label of each (b, c), the sum of p, of p^q (q = 2 with
-            ``squared_pred`` for Dice, else q = 1: pass ``S``) and the voxel count; label 0 is
-            the background.
-        loss: ``"dice"`` or ``"tversky"``; the other arguments as in :func:`vectorized_blob_loss`.
-
-    Returns:
-        ``(terms, present)``, each ``Tensor[B, C, K - 1]`` for labels 1..K-1: the term of
-        instance k (its own voxels and the background; the other instances left out, or with
-        ``masking="official"`` and a sigmoid entering as logit 0, p = 0.5), and whether it is an
-        instance with a term (present, and not on channel 0 under softmax).
-    """
-    n_fg = N[..., 1:].sum(-1, keepdim=True)
-    squared = squared_pred and loss == "dice"
-    mass = (0.25 if squared else 0.5) if (masking == "official" and activation == "sigmoid") else 0.0
-    terms = _region(loss, S[..., 1:], N[..., 1:], P[..., :1] + P[..., 1:], S[..., :1],
-                    mass * (n_fg - N[..., 1:]), smooth_nr, smooth_dr, fp_weight, fn_weight)
-    present = N[..., 1:] > 0
-    if activation == "softmax":
-        present[:, 0] = False
-    return terms, present
-
-
 def vectorized_blob_loss(
     input: torch.Tensor,
     instances: torch.Tensor,
@@ -246,17 +215,10 @@ def vectorized_blob_loss(
     N = torch.bincount(index, minlength=B * C * K).to(acc_dtype)
     S, P, N = (t.view(B, C, K) for t in (S, P, N))
 
-    args = (smooth_nr, smooth_dr, fp_weight, fn_weight)
-    global_loss = _region(loss, S[..., 1:].sum(-1), N[..., 1:].sum(-1), P.sum(-1), S[..., 0], 0.0, *args)
+    args = dict(smooth_nr=smooth_nr, smooth_dr=smooth_dr, fp_weight=fp_weight, fn_weight=fn_weight)
+    global_loss = global_terms(S, P, N, loss=loss, **args)
     blob, present = blob_terms(S, P, N, loss=loss, activation=activation, masking=masking,
-                               squared_pred=squared, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                               fp_weight=fp_weight, fn_weight=fn_weight)
-    n_inst = present.sum(-1)
-    plane_mean = torch.where(present, blob, 0).sum(-1) / n_inst.clamp(min=1)
-    has = n_inst > 0
-    n_ch = has.sum(1)
-    element_mean = torch.where(has, plane_mean, 0).sum(1) / n_ch.clamp(min=1)
-    has_b = n_ch > 0
-    blob_loss = torch.where(has_b, element_mean, 0).sum() / has_b.sum().clamp(min=1)
+                               squared_pred=squared, **args)
+    blob_loss = reduce_blob_terms(blob, present)
     total = alpha * global_loss.mean() + beta * blob_loss
     return total.to(input.dtype)

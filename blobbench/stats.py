@@ -17,7 +17,7 @@ import torch
 
 from . import _ops  # noqa: F401  (registers the operators)
 from .losses import _check_options, _max_label_arg
-from .reference import blob_terms
+from .closed_form import blob_terms
 
 __all__ = ["InstanceStats", "instance_stats"]
 

@@ -4,7 +4,8 @@
 *before* random cropping: a crop keeps the ids (they need not be contiguous, the losses accept
 that). Where a crop cuts a blob into pieces that are disconnected inside the crop, the pieces
 keep one id and count as one instance, while labelling the crop anew would count each piece;
-where no blob is cut, both give the same loss (tests/test_pipeline.py checks both statements).
+where no blob is cut, both give the same loss (``tests/test_instance_tools.py::test_crop_after_labelling``
+checks both statements).
 """
 from __future__ import annotations
 

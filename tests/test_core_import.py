@@ -84,3 +84,11 @@ def test_transform_without_monai_names_the_extra(monkeypatch):
     monkeypatch.delattr(blobbench, "transforms", raising=False)
     with pytest.raises(ImportError, match=r'LabelInstancesd needs monai.*pip install "blobbench\[monai\]"'):
         blobbench.LabelInstancesd
+
+
+def test_library_does_not_import_the_oracle():
+    # The references import the library (the closed form), never the reverse.
+    code = "import blobbench, blobbench.stats, blobbench.closed_form, blobbench.metrics, blobbench.instances"
+    script = f"import sys\n{code}\nprint('blobbench.reference' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -4,6 +4,7 @@ Parameters: profile x implementation x device. ``time_*`` time the forward alone
 backward; ``peakmem_forward_backward`` is the process's peak RSS after one forward + backward,
 to be read against ``peakmem_reference`` (the same setup, no loss: the inputs, the libraries);
 ``track_peak_cuda_bytes`` is the CUDA allocator's peak above the inputs (skipped without a GPU).
+``HostCostProxy`` tracks the fused op's per-call host cost on the CPU (issue 10's proxy).
 One crop per profile (``batch=1``) keeps the naive loop to seconds.
 
 Devices: ``cpu`` and ``cuda`` unless ``$BLOBBENCH_DEVICES`` names others (``cpu,cuda:1``); each is
@@ -16,8 +17,8 @@ skipped without a GPU or the CUDA kernels.
 import torch
 
 import blobbench
-from blobbench.bench.bench import (cuda_memory_begin, cuda_memory_peak, devices_from_env, forward_backward, loss_fn,
-                                   normalize_device, synchronize)
+from blobbench.bench.bench import (cuda_memory_begin, cuda_memory_peak, devices_from_env, forward_backward,
+                                   host_cost_proxy, loss_fn, normalize_device, synchronize)
 from blobbench.bench.synthetic import grid_instances, logits_like, profile_batch
 
 PROFILES = ["ms", "lits", "disco", "shanel", "deepmact"]
@@ -107,3 +108,35 @@ class CudaMemory:
         return cuda_memory_peak(self.device, base)
 
     track_peak_cuda_bytes.unit = "bytes"
+
+
+class HostCostProxy:
+    """The per-call host cost of the fused op, without a GPU (issue 10): on the CPU, one thread,
+    forward + backward of ``blob_dice(x, inst, max_label=2)`` on a 1x1x4x4x4 float32 input against
+    ``x.sum().backward()`` on the same input. ``track_ratio`` is the ratio of the medians of
+    interleaved repetitions (the quantity with a target: at most 2); the two ``time_`` benchmarks
+    are its numerator and denominator as asv times them."""
+    timeout = 300
+
+    def setup(self):
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(1, 1, 4, 4, 4, generator=g).requires_grad_(True)
+        self.inst = torch.randint(0, 3, (1, 1, 4, 4, 4), generator=g, dtype=torch.int32)
+
+    def teardown(self):
+        torch.set_num_threads(self._threads)
+
+    def time_blob_dice_forward_backward(self):
+        self.x.grad = None
+        blobbench.blob_dice(self.x, self.inst, max_label=2).backward()
+
+    def time_sum_backward(self):
+        self.x.grad = None
+        self.x.sum().backward()
+
+    def track_ratio(self):
+        return host_cost_proxy(reps=15, inner=100, threads=1)["ratio"]
+
+    track_ratio.unit = "ratio"

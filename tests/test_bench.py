@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import blobbench
+from bench_helpers import asv_suite
 from blobbench.bench import bench
 from blobbench.bench.cli import main
 from blobbench.bench.labelfiles import crops_from_labels, load_label_volume
@@ -128,12 +129,16 @@ def test_command_quick_with_label_file(tmp_path, capsys):
           "--impls", "fused,vectorized,monai_dice", "--out", str(out)])
     text = capsys.readouterr().out
     assert "headline ratios" in text and "mine.npy" in text
+    assert "host cost proxy (CPU, 1 thread, 1x1x4x4x4 float32" in text
     res = json.load(open(out / "result.json"))
     assert [c["name"] for c in res["cases"]] == ["ms", "mine.npy"]
     assert res["cases"][1]["shape"] == [2, 1, 32, 64, 64]  # shanel crop clipped to the file's volume
     assert all(m["status"] == "ok" for m in res["measurements"])
     assert len(res["measurements"]) == 2 * 3
     assert res["checks"]["mine.npy"]["status"] == "ok"
+    proxy = res["host_proxy"]
+    assert proxy["status"] == "ok" and proxy["threads"] == 1 and proxy["ratio"] > 0
+    assert proxy["ratio_min"] <= proxy["ratio_q1"] <= proxy["ratio_q3"] <= proxy["ratio_max"]
     assert {"speedup_vs_vectorized", "time_over_monai", "memory_over_monai"} <= set(res["ratios"][0])
     if pytest.importorskip("matplotlib"):
         assert (out / "profiles.png").stat().st_size > 10_000
@@ -164,6 +169,31 @@ def test_command_errors(argv, msg, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert msg in capsys.readouterr().err
+
+
+def test_host_cost_proxy_structure():
+    """The proxy's bookkeeping (no timing is asserted): interleaved reps, spread, threads restored."""
+    before = torch.get_num_threads()
+    p = bench.host_cost_proxy(reps=4, inner=2, threads=1)
+    assert torch.get_num_threads() == before
+    assert len(p["ratios"]) == 4 and p["reps"] == 4 and p["inner"] == 2 and p["threads"] == 1
+    assert p["fused_median_s"] > 0 and p["sum_backward_median_s"] > 0
+    assert p["ratio"] == pytest.approx(p["fused_median_s"] / p["sum_backward_median_s"])
+    assert p["ratio_min"] == min(p["ratios"]) and p["ratio_max"] == max(p["ratios"])
+
+
+def test_asv_host_cost_proxy_runs():
+    suite = asv_suite()
+
+    s = suite.HostCostProxy()
+    s.setup()
+    try:
+        assert torch.get_num_threads() == 1
+        s.time_blob_dice_forward_backward()
+        assert s.x.grad is not None
+        s.time_sum_backward()
+    finally:
+        s.teardown()
 
 
 def test_impls_agree_on_a_profile():

@@ -8,6 +8,7 @@ import torch
 from torch.cuda._utils import _get_device_index
 
 import blobbench
+from bench_helpers import asv_suite
 from blobbench.bench import bench, cli
 from blobbench.bench.cli import main
 from blobbench.bench.synthetic import grid_instances
@@ -140,7 +141,7 @@ def test_command_rejects_cuda_without_gpu(capsys):
 
 
 def test_asv_suite_devices(fake_gpus, monkeypatch):
-    from benchmarks import benchmark_blob as suite
+    suite = asv_suite()
 
     assert suite._device("cuda") == "cuda:1" and suite._device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -149,7 +150,7 @@ def test_asv_suite_devices(fake_gpus, monkeypatch):
 
 
 def test_asv_suite_runs_on_cpu():
-    from benchmarks import benchmark_blob as suite
+    suite = asv_suite()
 
     s = suite.InstanceScaling()
     s.setup(16, "fused", "cpu")

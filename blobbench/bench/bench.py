@@ -29,7 +29,7 @@ import torch
 __all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "Case", "loss_fn", "forward_backward", "Runner",
            "profile_case", "instances_case", "volume_case", "file_case", "normalize_device",
            "normalize_devices", "devices_from_env", "synchronize", "cuda_budget_fraction",
-           "cuda_memory_begin", "cuda_memory_peak"]
+           "cuda_memory_begin", "cuda_memory_peak", "host_cost_proxy"]
 
 #: name -> (description, loss kind); the functions are built by :func:`loss_fn`.
 IMPLEMENTATIONS = {
@@ -219,6 +219,78 @@ def file_case(path, profile: str, crops: int | None, seed: int, workdir, key=Non
     return _save_case(Case(name, "file", (), [], meta={"file": str(path), "volume_shape": list(vol.shape),
                                                        "profile": profile}),
                       logits_like(inst, seed), inst, workdir)
+
+
+# ----------------------------------------------------------------------------- host cost proxy
+
+PROXY_SHAPE = (1, 1, 4, 4, 4)
+
+
+def host_cost_proxy(reps: int = 25, inner: int = 100, threads: int | None = 1) -> dict:
+    """The per-call host cost of the fused op, measurable without a GPU (issue 10).
+
+    On the CPU, forward + backward of ``blob_dice(x, inst, max_label=2)`` on a 1x1x4x4x4 float32
+    input (int32 labels in 0..2) against ``x.sum().backward()`` on the same input: the work on 64
+    voxels is nothing, so the ratio is the op's dispatch, autograd glue and allocations in units
+    of the cheapest autograd call there is. ``reps`` interleaved repetitions (the order of the two
+    alternates), each the mean of ``inner`` calls; ``ratio`` = median fused / median sum, with the
+    quartiles and extremes of the per-repetition ratios as its spread. ``threads``: torch threads
+    while measuring (None: leave as is); the previous setting is restored.
+    """
+    import statistics as st
+
+    import blobbench
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(PROXY_SHAPE, generator=g).requires_grad_(True)
+        inst = torch.randint(0, 3, PROXY_SHAPE, generator=g, dtype=torch.int32)
+
+        def fused():
+            x.grad = None
+            blobbench.blob_dice(x, inst, max_label=2).backward()
+
+        def plain():
+            x.grad = None
+            x.sum().backward()
+
+        for _ in range(max(inner, 10)):  # warm-up: lazy init, allocator, dispatcher caches
+            fused()
+            plain()
+        tf, tp, per_rep = [], [], []
+        for r in range(reps):
+            t = {}
+            for f in ((fused, plain) if r % 2 == 0 else (plain, fused)):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    f()
+                t[f] = (time.perf_counter() - t0) / inner
+            tf.append(t[fused])
+            tp.append(t[plain])
+            per_rep.append(t[fused] / t[plain])
+    finally:
+        torch.set_num_threads(old)
+    q = st.quantiles(per_rep, n=4) if len(per_rep) >= 2 else per_rep * 3
+    ratio = st.median(tf) / st.median(tp)
+    return {"ratio": ratio, "ratio_q1": q[0], "ratio_q3": q[2], "ratio_min": min(per_rep),
+            "ratio_max": max(per_rep), "rel_iqr": (q[2] - q[0]) / ratio,
+            "fused_median_s": st.median(tf), "sum_backward_median_s": st.median(tp),
+            "ratios": per_rep, "reps": reps, "inner": inner, "threads": threads or old,
+            "shape": list(PROXY_SHAPE), "what": "CPU, blob_dice(x, inst, max_label=2) fwd+bwd / x.sum().backward(), "
+                                                 "float32 1x1x4x4x4, int32 labels 0..2"}
+
+
+def _proxy_worker(conn, task):
+    try:
+        conn.send({"event": "done", "status": "ok",
+                   "proxy": host_cost_proxy(task["reps"], task["inner"], task["threads"])})
+    except BaseException as e:  # noqa: BLE001
+        conn.send(_failure(e))
+    finally:
+        conn.close()
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -451,6 +523,16 @@ class Runner:
             res.update(times_s=times, reps=len(times), median_s=statistics.median(times),
                        min_s=min(times), max_s=max(times), q1_s=q[0], q3_s=q[2])
         return res
+
+    def proxy(self, reps: int = 25, inner: int = 100) -> dict:
+        """:func:`host_cost_proxy` in a fresh process, one thread."""
+        msgs, timed_out = self._run(_proxy_worker, {"reps": reps, "inner": inner, "threads": 1},
+                                    [("done", 300.0)])
+        if timed_out:
+            return {"status": "error", "error": "the host cost proxy took over 300 s"}
+        out = {k: v for k, v in msgs.items() if k not in ("event", "proxy")}
+        out.update(msgs.get("proxy", {}))
+        return out
 
     def check(self, case: Case, devices, losses=("dice",)) -> dict:
         task = {"path": case.path, "devices": list(devices), "threads": self.threads, "losses": list(losses)}

@@ -110,6 +110,8 @@ def build_parser():
     ap.add_argument("--out", default="blobbench-results", help="output folder (default ./blobbench-results)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--no-check", action="store_true", help="skip the check against the naive loop")
+    ap.add_argument("--no-proxy", action="store_true",
+                    help="skip the host cost proxy (fused fwd+bwd on 64 voxels / x.sum().backward(), CPU, one thread)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: profile ms with 1 crop, 1 repetition, no sweeps (other options still apply)")
     return ap
@@ -208,12 +210,14 @@ def run_bench(args) -> dict:
                     checks[c.name] = runner.check(c, args.devices, losses)
                 else:
                     measurements.append(runner.measure(c, impl, dev))
+        proxy = None if args.no_proxy else runner.proxy()
     result = {
         "machine": machine,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"devices": args.devices},
         "cases": [c.to_json() for c in cases],
         "checks": checks,
         "measurements": measurements,
+        "host_proxy": proxy,
         "elapsed_s": time.perf_counter() - t_start,
     }
     result["ratios"] = ratios(result)
@@ -247,6 +251,10 @@ def run_errors(result: dict) -> list[str]:
         if m["status"] not in ("ok", "over budget", "out of memory"):
             out.append(f"measurement {m['case']} / {m['impl']} / {m['device']}: {m['status']}: "
                        f"{m.get('error', '')}\n{m.get('traceback', '(no traceback)')}")
+    proxy = result.get("host_proxy")
+    if proxy and proxy.get("status") not in ("ok", "over budget", "out of memory"):
+        out.append(f"host cost proxy: {proxy.get('status')}: {proxy.get('error', '')}\n"
+                   f"{proxy.get('traceback', '(no traceback)')}")
     for name, chk in result.get("checks", {}).items():
         if chk.get("status") not in ("ok", "over budget", "out of memory"):
             out.append(f"check {name}: {chk.get('status')}: {chk.get('error', '')}\n"

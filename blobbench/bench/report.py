@@ -54,6 +54,20 @@ def _mb(r):
     return f"{r['peak_bytes'] / 2**20:.1f}"
 
 
+def host_proxy_line(proxy) -> str:
+    """The report's line for the host cost proxy (issue 10), '' when the run has none."""
+    if not proxy:
+        return ""
+    if proxy.get("status") != "ok":
+        return f"host cost proxy: {proxy.get('status')} {proxy.get('error', '')}"
+    return (f"host cost proxy (CPU, {proxy['threads']} thread, {'x'.join(map(str, proxy['shape']))} float32; "
+            f"blob_dice(max_label=2) fwd+bwd / x.sum().backward()): {proxy['ratio']:.2f}x "
+            f"[IQR {proxy['ratio_q1']:.2f}-{proxy['ratio_q3']:.2f}, min-max {proxy['ratio_min']:.2f}-"
+            f"{proxy['ratio_max']:.2f}] ({proxy['fused_median_s'] * 1e6:.1f} us against "
+            f"{proxy['sum_backward_median_s'] * 1e6:.1f} us; medians of {proxy['reps']} interleaved reps of "
+            f"{proxy['inner']} calls)")
+
+
 def print_report(result: dict, file=None) -> None:
     """The terminal report: one block per case, the sweeps as tables, then the ratios."""
     p = lambda *a: print(*a, file=file)  # noqa: E731
@@ -113,6 +127,9 @@ def print_report(result: dict, file=None) -> None:
                 m = _by(meas, c["name"], device)
                 cells = [f"{_cell(m.get(i)):>11s} / {_mb(m.get(i)):>9s}" for i in impls]
                 p(f"  {c['name']:>20s} " + " ".join(f"{x:>24s}" for x in cells))
+    proxy_line = host_proxy_line(result.get("host_proxy"))
+    if proxy_line:
+        p("\n" + proxy_line)
     rows = ratios(result)
     if rows:
         p("\nheadline ratios (fused op against the others; speedup = their time / fused time)")

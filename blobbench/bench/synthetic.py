@@ -1,4 +1,4 @@
-"""Seeded synthetic instance maps shaped like the paper's datasets (DESIGN.md section 5).
+"""Seeded synthetic instance maps shaped like the paper's datasets (docs/design.md, "The dataset profiles").
 
 Blobs are unions of 1 to 3 overlapping ellipsoids (irregular shapes) with a heavy-tailed size
 distribution (many tiny blobs, a few large ones, as in the paper's Fig. 4), painted into a

@@ -7,6 +7,7 @@ cc3d) that ``import blobbench`` loads: it must stay 0.
 
     asv run --python=same --bench ImportSuite
 """
+
 import subprocess
 import sys
 
@@ -21,9 +22,7 @@ class ImportSuite:
         return "import torch, blobbench"
 
     def track_optional_modules_loaded(self):
-        code = ("import sys, blobbench; "
-                "print(sum(m in sys.modules for m in ('monai', 'nibabel', 'matplotlib', 'cc3d')))")
-        return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                  check=True).stdout)
+        code = "import sys, blobbench; print(sum(m in sys.modules for m in ('monai', 'nibabel', 'matplotlib', 'cc3d')))"
+        return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
     track_optional_modules_loaded.unit = "modules"

@@ -9,6 +9,7 @@ on bool masks need cc3d (``blobbench[instances]``); :class:`LabelInstancesd` and
 references :func:`naive_blob_dice` / :func:`naive_blob_tversky` need MONAI (``blobbench[monai]``);
 the benchmark app in :mod:`blobbench.bench` needs ``blobbench[bench]``.
 """
+
 from __future__ import annotations
 
 import importlib

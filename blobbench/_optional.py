@@ -4,6 +4,7 @@ The core (the losses, ``instance_stats``, the metrics on instance maps) needs to
 only. cc3d (labelling), MONAI (the transform, the loop references) and the benchmark app's
 libraries are extras; see the README's install section.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,6 +25,5 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
-            f"{feature} needs {module.split('.')[0]}, which is not installed: "
-            f'pip install "blobbench[{extra}]"'
+            f'{feature} needs {module.split(".")[0]}, which is not installed: pip install "blobbench[{extra}]"'
         ) from e

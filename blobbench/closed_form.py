@@ -18,6 +18,7 @@ uses it for the per-instance Dice, and the vectorized reference
 kernels implement the same formulas in ``csrc/blob_loss_math.h``; the tests hold both to the
 paper's loop. Nothing here imports the references (they import this).
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,8 +87,18 @@ def blob_terms(
     squared = squared_pred and loss == "dice"
     official_sigmoid = masking == "official" and activation == "sigmoid"
     mass = (0.25 if squared else 0.5) if official_sigmoid else 0.0
-    terms = region_loss(loss, S[..., 1:], N[..., 1:], P[..., :1] + P[..., 1:], S[..., :1],
-                        mass * (n_fg - N[..., 1:]), smooth_nr, smooth_dr, fp_weight, fn_weight)
+    terms = region_loss(
+        loss,
+        S[..., 1:],
+        N[..., 1:],
+        P[..., :1] + P[..., 1:],
+        S[..., :1],
+        mass * (n_fg - N[..., 1:]),
+        smooth_nr,
+        smooth_dr,
+        fp_weight,
+        fn_weight,
+    )
     present = N[..., 1:] > 0
     if activation == "softmax":
         present[:, 0] = False
@@ -110,8 +121,18 @@ def global_terms(
     ``S``, ``P``, ``N`` as in :func:`blob_terms` (with softmax, channel 0's labels must already
     be the background-class target: 1 where no other channel has an instance).
     """
-    return region_loss(loss, S[..., 1:].sum(-1), N[..., 1:].sum(-1), P.sum(-1), S[..., 0], 0.0,
-                       smooth_nr, smooth_dr, fp_weight, fn_weight)
+    return region_loss(
+        loss,
+        S[..., 1:].sum(-1),
+        N[..., 1:].sum(-1),
+        P.sum(-1),
+        S[..., 0],
+        0.0,
+        smooth_nr,
+        smooth_dr,
+        fp_weight,
+        fn_weight,
+    )
 
 
 def reduce_blob_terms(terms: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

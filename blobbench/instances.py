@@ -1,4 +1,5 @@
 """Instance labelling: binary or class masks to instance maps with cc3d (connected components)."""
+
 from __future__ import annotations
 
 import numpy as np

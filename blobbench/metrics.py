@@ -15,6 +15,7 @@ A ratio whose denominator is 0 has nothing to get wrong and is 1 (e.g. IS with n
 blobs, IP with no predicted blobs); F1 and DSC are then 1 only when both sides are empty (else 0).
 Counting is done with one ``torch.unique`` over plane-offset ids: no loop over instances.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,16 +24,17 @@ from .instances import label_instances
 
 __all__ = ["METRIC_NAMES", "blob_metrics", "detection_counts", "BlobMetrics"]
 
-METRIC_NAMES = ("f1", "sensitivity", "precision", "dice", "volumetric_sensitivity",
-                "volumetric_precision")
+METRIC_NAMES = ("f1", "sensitivity", "precision", "dice", "volumetric_sensitivity", "volumetric_precision")
 
 
 def _as_instances(t: torch.Tensor, connectivity, name) -> torch.Tensor:
     if t.dtype == torch.bool:
         return label_instances(t, connectivity, dtype=torch.int64).to(t.device)
     if t.is_floating_point():
-        raise TypeError(f"{name} must be a bool mask or an integer instance map, got {t.dtype}; "
-                        "threshold probabilities first (BlobMetrics does with `threshold`)")
+        raise TypeError(
+            f"{name} must be a bool mask or an integer instance map, got {t.dtype}; "
+            "threshold probabilities first (BlobMetrics does with `threshold`)"
+        )
     if (t < 0).any():
         raise ValueError(f"{name} must be >= 0 (0 = background)")
     return t.long()
@@ -71,12 +73,19 @@ def detection_counts(y_pred: torch.Tensor, y: torch.Tensor, *, connectivity: int
     both = (pred > 0) & (gt > 0)
     planes = B * C
     n_pred, n_gt = _count_ids(pred, planes), _count_ids(gt, planes)
-    tp = _count_ids(torch.where(both, pred, 0), planes)        # predicted blobs touching the truth
-    detected = _count_ids(torch.where(both, gt, 0), planes)    # true blobs touched by the prediction
+    tp = _count_ids(torch.where(both, pred, 0), planes)  # predicted blobs touching the truth
+    detected = _count_ids(torch.where(both, gt, 0), planes)  # true blobs touched by the prediction
     inter = both.reshape(planes, -1).sum(1)
-    out = {"tp": tp, "fp": n_pred - tp, "fn": n_gt - detected, "n_pred": n_pred, "n_gt": n_gt,
-           "inter": inter, "pred_voxels": (pred > 0).reshape(planes, -1).sum(1),
-           "gt_voxels": (gt > 0).reshape(planes, -1).sum(1)}
+    out = {
+        "tp": tp,
+        "fp": n_pred - tp,
+        "fn": n_gt - detected,
+        "n_pred": n_pred,
+        "n_gt": n_gt,
+        "inter": inter,
+        "pred_voxels": (pred > 0).reshape(planes, -1).sum(1),
+        "gt_voxels": (gt > 0).reshape(planes, -1).sum(1),
+    }
     return {k: v.view(B, C) for k, v in out.items()}
 
 
@@ -126,8 +135,9 @@ class BlobMetrics:
         metric.reset()
     """
 
-    def __init__(self, threshold: float = 0.5, *, sigmoid: bool = False, connectivity: int | None = None,
-                 reduction: str = "mean"):
+    def __init__(
+        self, threshold: float = 0.5, *, sigmoid: bool = False, connectivity: int | None = None, reduction: str = "mean"
+    ):
         if reduction not in ("mean", "mean_batch", "none"):
             raise ValueError(f"reduction must be 'mean', 'mean_batch' or 'none', got {reduction!r}")
         self.threshold, self.sigmoid, self.connectivity, self.reduction = threshold, sigmoid, connectivity, reduction

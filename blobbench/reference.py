@@ -11,6 +11,7 @@
 
 The references import the library (the closed form), never the reverse.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -90,7 +91,7 @@ def naive_blob_loss(
     for b in range(input.shape[0]):
         channel_losses = []
         for c in range(first_channel, input.shape[1]):
-            label = instances[b:b + 1, c:c + 1]
+            label = instances[b : b + 1, c : c + 1]
             ids = torch.unique(label)
             ids = ids[ids > 0]
             if ids.numel() == 0:
@@ -99,7 +100,7 @@ def naive_blob_loss(
             for k in ids:
                 mask = (label == 0) | (label == k)
                 target = (label == k).to(input.dtype)
-                losses.append(criterion(probs[b:b + 1, c:c + 1] * mask, target))
+                losses.append(criterion(probs[b : b + 1, c : c + 1] * mask, target))
             channel_losses.append(sum(losses) / len(losses))
         if channel_losses:
             element_losses.append(sum(channel_losses) / len(channel_losses))
@@ -114,8 +115,7 @@ def _naive_total(input, instances, make_loss, alpha, beta, activation, masking):
     global_loss = make_loss(False)(probs, global_targets(instances, activation, input.dtype))
     # Official masking applies the sigmoid inside the criterion, to the masked logits.
     own_sigmoid = masking == "official" and activation == "sigmoid"
-    blob_loss = naive_blob_loss(input, instances, make_loss(own_sigmoid), activation=activation,
-                                masking=masking)
+    blob_loss = naive_blob_loss(input, instances, make_loss(own_sigmoid), activation=activation, masking=masking)
     return alpha * global_loss + beta * blob_loss
 
 
@@ -140,8 +140,13 @@ def naive_blob_dice(
     DiceLoss = require("monai.losses", "monai", "naive_blob_dice").DiceLoss
 
     def make(own_sigmoid):
-        return DiceLoss(include_background=True, sigmoid=own_sigmoid, squared_pred=squared_pred,
-                        smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        return DiceLoss(
+            include_background=True,
+            sigmoid=own_sigmoid,
+            squared_pred=squared_pred,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+        )
 
     return _naive_total(input, instances, make, alpha, beta, activation, masking)
 
@@ -164,8 +169,14 @@ def naive_blob_tversky(
     TverskyLoss = require("monai.losses", "monai", "naive_blob_tversky").TverskyLoss
 
     def make(own_sigmoid):
-        return TverskyLoss(include_background=True, sigmoid=own_sigmoid, alpha=fp_weight,
-                           beta=fn_weight, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+        return TverskyLoss(
+            include_background=True,
+            sigmoid=own_sigmoid,
+            alpha=fp_weight,
+            beta=fn_weight,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+        )
 
     return _naive_total(input, instances, make, alpha, beta, activation, masking)
 
@@ -202,8 +213,7 @@ def vectorized_blob_loss(
         labels[:, 0] = (labels[:, 1:] == 0).all(dim=1).long()
     K = max(int(labels.max()) + 1, 2)
     if K > 4 * labels.numel():  # sparse, huge ids: compact them (0 stays 0)
-        ids, inverse = torch.unique(torch.cat([labels.new_zeros(1), labels.reshape(-1)]),
-                                    return_inverse=True)
+        ids, inverse = torch.unique(torch.cat([labels.new_zeros(1), labels.reshape(-1)]), return_inverse=True)
         labels, K = inverse[1:].view_as(labels), max(ids.numel(), 2)
     offsets = (torch.arange(B * C, device=input.device) * K).view(B, C, 1)
     index = (labels + offsets).reshape(-1)
@@ -211,14 +221,13 @@ def vectorized_blob_loss(
     pf = p.reshape(-1).to(acc_dtype)
     S = torch.zeros(B * C * K, dtype=acc_dtype, device=input.device).index_add_(0, index, pf)
     squared = squared_pred and loss == "dice"
-    P = (torch.zeros_like(S).index_add_(0, index, pf * pf) if squared else S)
+    P = torch.zeros_like(S).index_add_(0, index, pf * pf) if squared else S
     N = torch.bincount(index, minlength=B * C * K).to(acc_dtype)
     S, P, N = (t.view(B, C, K) for t in (S, P, N))
 
     args = dict(smooth_nr=smooth_nr, smooth_dr=smooth_dr, fp_weight=fp_weight, fn_weight=fn_weight)
     global_loss = global_terms(S, P, N, loss=loss, **args)
-    blob, present = blob_terms(S, P, N, loss=loss, activation=activation, masking=masking,
-                               squared_pred=squared, **args)
+    blob, present = blob_terms(S, P, N, loss=loss, activation=activation, masking=masking, squared_pred=squared, **args)
     blob_loss = reduce_blob_terms(blob, present)
     total = alpha * global_loss.mean() + beta * blob_loss
     return total.to(input.dtype)

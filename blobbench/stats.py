@@ -9,6 +9,7 @@ derives, for every instance of every (b, c), with no loop over instances:
 - ``dice``: its own Dice, 1 - its blob-loss term (paper Eq. 1: the other instances of the
   channel masked out; ``masking="official"`` with a sigmoid counts them as logit 0, p = 0.5).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -16,8 +17,8 @@ from typing import NamedTuple
 import torch
 
 from . import _ops  # noqa: F401  (registers the operators)
-from .losses import _check_options, _max_label_arg
 from .closed_form import blob_terms
+from .losses import _check_options, _max_label_arg
 
 __all__ = ["InstanceStats", "instance_stats"]
 
@@ -26,8 +27,10 @@ class InstanceStats(NamedTuple):
     """Per-instance numbers, dense over the label range ``K``.
 
     Attributes:
-        ids: ``Tensor[K]`` int64, the instance id of each column (``0..K-1``, or the sorted
-            distinct ids when sparse, large ids were compacted). Column 0 is the background.
+        ids: ``Tensor[B, C, K]`` int64, the instance id of each column of each (b, c):
+            ``0..K-1`` when the table is dense, or, when sparse, large ids were compacted, the
+            sorted distinct ids of that (b, c) (padded with its largest id, whose extra columns
+            have ``size == 0``). Column 0 is the background.
         size: ``Tensor[B, C, K]`` float64 voxel count of each id in each (b, c).
         mass: ``Tensor[B, C, K]`` float64 sum of the predicted probabilities over those voxels.
         dice: ``Tensor[B, C, K]`` float64 Dice of each instance against the prediction on its
@@ -35,6 +38,7 @@ class InstanceStats(NamedTuple):
         present: ``Tensor[B, C, K]`` bool, the instances that exist (``size > 0``, id > 0;
             never on channel 0 with ``activation="softmax"``).
     """
+
     ids: torch.Tensor
     size: torch.Tensor
     mass: torch.Tensor
@@ -74,13 +78,25 @@ def instance_stats(
     """
     _check_options(activation, masking)
     stats, label_ids = torch.ops.blob.label_stats(
-        input.detach(), instances, activation=activation, squared_pred=squared_pred,
-        max_label=_max_label_arg(max_label))
+        input.detach(), instances, activation=activation, squared_pred=squared_pred, max_label=_max_label_arg(max_label)
+    )
     S, P, N = stats.unbind(-1)
-    ids = label_ids.to(torch.int64) if label_ids.numel() else torch.arange(stats.shape[2], device=stats.device)
+    B, C, K = stats.shape[:3]
+    if label_ids.numel():  # compacted: the sorted ids of each (b, c)
+        ids = label_ids.to(torch.int64).reshape(B, C, K)
+    else:
+        ids = torch.arange(K, device=stats.device).expand(B, C, K)
     # The closed form the losses use (masking rule included): dice = 1 - the instance's term.
-    terms, present = blob_terms(S, P, N, activation=activation, masking=masking,
-                                squared_pred=squared_pred, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+    terms, present = blob_terms(
+        S,
+        P,
+        N,
+        activation=activation,
+        masking=masking,
+        squared_pred=squared_pred,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+    )
     present = torch.cat([torch.zeros_like(present[..., :1]), present], -1)
     dice = torch.cat([torch.full_like(terms[..., :1], float("nan")), 1 - terms], -1)
     dice = torch.where(present, dice, torch.full_like(dice, float("nan")))

@@ -7,6 +7,7 @@ keep one id and count as one instance, while labelling the crop anew would count
 where no blob is cut, both give the same loss (``tests/test_instance_tools.py::test_crop_after_labelling``
 checks both statements).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,8 +52,15 @@ class LabelInstancesd(MapTransform):
     spatial transforms that follow (crops, flips) can list the new key beside the label.
     """
 
-    def __init__(self, keys, connectivity: int | None = None, num_classes: int | None = None,
-                 dtype="auto", postfix: str = "_instances", allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys,
+        connectivity: int | None = None,
+        num_classes: int | None = None,
+        dtype="auto",
+        postfix: str = "_instances",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         if isinstance(dtype, str) and dtype != "auto" and dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto', one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}")
@@ -66,14 +74,17 @@ class LabelInstancesd(MapTransform):
             label = d[key]
             arr = label if isinstance(label, torch.Tensor) else torch.as_tensor(np.asarray(label))
             if arr.dim() < 2 or arr.dim() > 4:
-                raise ValueError(f"LabelInstancesd: {key!r} must be channel-first (C, *spatial) with 1 to 3 "
-                                 f"spatial dims, got shape {tuple(arr.shape)}")
+                raise ValueError(
+                    f"LabelInstancesd: {key!r} must be channel-first (C, *spatial) with 1 to 3 "
+                    f"spatial dims, got shape {tuple(arr.shape)}"
+                )
             if arr.is_floating_point():
                 if not torch.equal(arr, arr.round()):
                     raise ValueError(f"LabelInstancesd: {key!r} must hold integer labels")
                 arr = arr.long()
-            inst = label_instances(arr.as_subclass(torch.Tensor)[None], self.connectivity,
-                                   num_classes=self.num_classes, dtype=torch.int64)[0]
+            inst = label_instances(
+                arr.as_subclass(torch.Tensor)[None], self.connectivity, num_classes=self.num_classes, dtype=torch.int64
+            )[0]
             if self.dtype == "auto":
                 dtype = smallest_label_dtype(int(inst.max()) if inst.numel() else 0)
             else:

@@ -1,5 +1,6 @@
 """The core is light: ``import blobbench`` needs torch only, and the features with optional
 dependencies say which extra installs them. (Import *time* is tracked in the benchmark suite.)"""
+
 import subprocess
 import sys
 
@@ -45,7 +46,7 @@ def test_lazy_names_resolve_to_their_modules():
     assert blobbench.LabelInstancesd is transforms.LabelInstancesd
     assert set(blobbench.__all__) <= set(dir(blobbench))
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
-        blobbench.not_a_name
+        _ = blobbench.not_a_name
 
 
 def _block(monkeypatch, *modules):
@@ -83,7 +84,7 @@ def test_transform_without_monai_names_the_extra(monkeypatch):
     monkeypatch.delitem(vars(blobbench), "LabelInstancesd", raising=False)
     monkeypatch.delattr(blobbench, "transforms", raising=False)
     with pytest.raises(ImportError, match=r'LabelInstancesd needs monai.*pip install "blobbench\[monai\]"'):
-        blobbench.LabelInstancesd
+        _ = blobbench.LabelInstancesd
 
 
 def test_library_does_not_import_the_oracle():

@@ -1,17 +1,18 @@
 """Per-instance statistics, detection metrics, the LabelInstancesd transform, crop safety."""
+
 import cc3d
 import numpy as np
 import pytest
 import torch
+from conftest import devices
+from helpers import random_case
 
 import blobbench
 from blobbench import BlobMetrics, LabelInstancesd, blob_metrics, detection_counts, instance_stats
 from blobbench.bench.synthetic import grid_instances
-from conftest import devices
-from helpers import random_case
-
 
 # ----------------------------------------------------------------------------- instance_stats
+
 
 def _stats_oracle(x, instances, activation, masking, squared_pred, smooth_nr, smooth_dr):
     """Loop over instances as the paper's code does: size, mass, and 1 - MONAI DiceLoss on the
@@ -46,11 +47,12 @@ def test_instance_stats_against_loop(seed, device):
     x, instances, _, _, options = random_case(seed)
     got = instance_stats(x.to(device), instances.to(device), **options)
     ref = _stats_oracle(x, instances, **options)
-    ids = got.ids.cpu().tolist()
+    ids = got.ids.cpu().tolist()  # [b][c][column]
+    assert got.ids.shape == got.size.shape
     present = got.present.cpu()
     assert int(present.sum()) == len(ref)
     for (b, c, k), (size, mass, dice) in ref.items():
-        col = ids.index(k)
+        col = ids[b][c].index(k)
         assert present[b, c, col]
         assert got.size[b, c, col].item() == size
         assert got.mass[b, c, col].item() == pytest.approx(mass, rel=1e-10, abs=1e-10)
@@ -80,8 +82,11 @@ def test_instance_stats_errors_and_opcheck():
         instance_stats(x, inst, masking="nope")
     for seed in (1, 4):
         x, instances, _, _, options = random_case(seed)
-        torch.library.opcheck(torch.ops.blob.label_stats.default, (x.float(), instances),
-                              dict(activation=options["activation"], squared_pred=options["squared_pred"]))
+        torch.library.opcheck(
+            torch.ops.blob.label_stats.default,
+            (x.float(), instances),
+            dict(activation=options["activation"], squared_pred=options["squared_pred"]),
+        )
 
 
 def test_instance_stats_no_grad_needed():
@@ -94,6 +99,7 @@ def test_instance_stats_no_grad_needed():
 
 # ----------------------------------------------------------------------------- metrics
 
+
 def _metrics_loop(pred, gt):
     """Straightforward per-blob loop with cc3d (3D numpy arrays, one plane)."""
     pl, gl = cc3d.connected_components(pred), cc3d.connected_components(gt)
@@ -102,18 +108,23 @@ def _metrics_loop(pred, gt):
     fn = sum(1 for k in range(1, gl.max() + 1) if not (pred[gl == k]).any())
     inter, P, G = (pred & gt).sum(), pred.sum(), gt.sum()
     r = lambda n, d: n / d if d else 1.0  # noqa: E731
-    return {"f1": r(2 * tp, 2 * tp + fp + fn), "sensitivity": r(gl.max() - fn, gl.max()),
-            "precision": r(tp, pl.max()), "dice": r(2 * inter, P + G),
-            "volumetric_sensitivity": r(inter, G), "volumetric_precision": r(inter, P)}
+    return {
+        "f1": r(2 * tp, 2 * tp + fp + fn),
+        "sensitivity": r(gl.max() - fn, gl.max()),
+        "precision": r(tp, pl.max()),
+        "dice": r(2 * inter, P + G),
+        "volumetric_sensitivity": r(inter, G),
+        "volumetric_precision": r(inter, P),
+    }
 
 
 def test_metrics_hand_made():
     gt = torch.zeros(1, 1, 10, 10, 10, dtype=torch.bool)
     pred = torch.zeros_like(gt)
-    gt[0, 0, 1:3, 1:3, 1:3] = True      # blob A (8 voxels): hit by one predicted voxel
-    gt[0, 0, 6:8, 6:8, 6:8] = True      # blob B (8 voxels): missed
-    pred[0, 0, 1, 1, 1] = True          # TP
-    pred[0, 0, 5, 0:3, 8] = True        # FP (3 voxels, no overlap)
+    gt[0, 0, 1:3, 1:3, 1:3] = True  # blob A (8 voxels): hit by one predicted voxel
+    gt[0, 0, 6:8, 6:8, 6:8] = True  # blob B (8 voxels): missed
+    pred[0, 0, 1, 1, 1] = True  # TP
+    pred[0, 0, 5, 0:3, 8] = True  # FP (3 voxels, no overlap)
     c = detection_counts(pred, gt)
     assert (c["tp"].item(), c["fp"].item(), c["fn"].item()) == (1, 1, 1)
     m = blob_metrics(pred, gt)
@@ -162,12 +173,12 @@ def test_metrics_edge_cases():
     empty = torch.zeros(1, 1, 8, 8, 8, dtype=torch.bool)
     some = empty.clone()
     some[0, 0, 2:4, 2:4, 2:4] = True
-    m = blob_metrics(empty, empty)          # nothing to find, nothing found
+    m = blob_metrics(empty, empty)  # nothing to find, nothing found
     assert all(v.item() == 1.0 for v in m.values())
-    m = blob_metrics(empty, some)           # no predicted instances
+    m = blob_metrics(empty, some)  # no predicted instances
     assert (m["f1"].item(), m["sensitivity"].item(), m["dice"].item()) == (0.0, 0.0, 0.0)
-    assert m["precision"].item() == 1.0     # no prediction was wrong
-    m = blob_metrics(some, empty)           # no ground-truth instances
+    assert m["precision"].item() == 1.0  # no prediction was wrong
+    m = blob_metrics(some, empty)  # no ground-truth instances
     assert (m["f1"].item(), m["precision"].item(), m["sensitivity"].item()) == (0.0, 0.0, 1.0)
     giant = torch.ones(1, 1, 16, 16, 16, dtype=torch.bool)
     m = blob_metrics(giant, giant)
@@ -183,8 +194,8 @@ def test_metrics_edge_cases():
 def test_metrics_instance_maps_and_errors():
     gt = torch.zeros(1, 1, 6, 6, dtype=torch.int32)
     gt[0, 0, 0, 0] = 7
-    gt[0, 0, 0, 1] = 9   # touching, but different ids: two instances
-    pred = (gt > 0)
+    gt[0, 0, 0, 1] = 9  # touching, but different ids: two instances
+    pred = gt > 0
     c = detection_counts(pred, gt)
     assert (c["n_gt"].item(), c["n_pred"].item(), c["tp"].item()) == (2, 1, 1)
     with pytest.raises(TypeError, match="threshold"):
@@ -198,7 +209,7 @@ def test_blob_metrics_class():
     gt = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     gt[:, 0, 1:3, 1:3] = True
     logits = torch.full((2, 1, 8, 8), -5.0)
-    logits[0, 0, 1:3, 1:3] = 5.0          # case 0 perfect, case 1 empty prediction
+    logits[0, 0, 1:3, 1:3] = 5.0  # case 0 perfect, case 1 empty prediction
     metric(logits, gt)
     metric(logits[:1], gt[:1])
     agg = metric.aggregate()
@@ -211,13 +222,14 @@ def test_blob_metrics_class():
 
 # ----------------------------------------------------------------------------- transform
 
+
 def test_label_instances_d():
     from monai.data import MetaTensor
 
     label = np.zeros((1, 10, 12, 12), dtype=np.uint8)
     label[0, 1:3, 1:3, 1:3] = 1
     label[0, 5:8, 5:8, 5:8] = 2
-    label[0, 3, 3, 3] = 1                  # touches blob 1 diagonally only
+    label[0, 3, 3, 3] = 1  # touches blob 1 diagonally only
     d = LabelInstancesd("label")({"label": MetaTensor(torch.from_numpy(label), affine=torch.eye(4) * 2)})
     inst = d["label_instances"]
     assert isinstance(inst, MetaTensor) and inst.dtype == torch.uint8
@@ -255,8 +267,11 @@ def test_crop_after_labelling():
         lo = [int(rng.integers(0, s - c + 1)) for s, c in zip(vol.shape[2:], size)]
         crop_pre = _crop(pre, lo, size)
         relabelled = blobbench.label_instances(crop_pre > 0)
-        cut = sum(int(cc3d.connected_components((crop_pre[0, 0] == k).numpy()).max()) > 1
-                  for k in torch.unique(crop_pre).tolist() if k)
+        cut = sum(
+            int(cc3d.connected_components((crop_pre[0, 0] == k).numpy()).max()) > 1
+            for k in torch.unique(crop_pre).tolist()
+            if k
+        )
         a = blobbench.blob_dice(_crop(x, lo, size), crop_pre)
         b = blobbench.blob_dice(_crop(x, lo, size), relabelled)
         if cut == 0:
@@ -269,18 +284,21 @@ def test_crop_after_labelling():
     u = np.zeros((1, 1, 8, 8, 8), dtype=bool)
     u[0, 0, 2:6, 0, 2:6] = True
     u[0, 0, 2, 0:4, 2] = True
-    u[0, 0, 5, 0:4, 5] = True          # a U: connected through row 0 only
+    u[0, 0, 5, 0:4, 5] = True  # a U: connected through row 0 only
     pre_u = blobbench.label_instances(u)
-    crop = pre_u[..., 1:, :]           # cuts row 0 away: two pieces, one id
+    crop = pre_u[..., 1:, :]  # cuts row 0 away: two pieces, one id
     assert int(crop.max()) == 1 and int(blobbench.label_instances(crop > 0).max()) == 2
     xc = torch.randn(crop.shape, dtype=torch.float64)
     assert blobbench.blob_dice(xc, crop).item() != pytest.approx(
-        blobbench.blob_dice(xc, blobbench.label_instances(crop > 0)).item(), rel=1e-6)
+        blobbench.blob_dice(xc, blobbench.label_instances(crop > 0)).item(), rel=1e-6
+    )
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and blobbench.has_cuda_kernels()),
-                    reason="needs a CUDA device and a CUDA build of blobbench")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and blobbench.has_cuda_kernels()),
+    reason="needs a CUDA device and a CUDA build of blobbench",
+)
 def test_instance_stats_cuda_out_of_range_is_nan():
     """Sync-free on CUDA: an id above max_label cannot raise, so the statistics become NaN."""
     x = torch.randn(1, 1, 8, 8, device="cuda")

@@ -1,5 +1,6 @@
 """The training loop: a few steps of each loss, and the same step under torch.compile and under
 DistributedDataParallel (gloo, 2 CPU processes) equal to the single-process eager step."""
+
 import copy
 import os
 import socket
@@ -12,8 +13,9 @@ import torch.multiprocessing as mp
 import blobbench
 from blobbench.bench.train import LOSSES, TrainConfig, make_dataset, make_loss, make_net, train_run
 
-TINY = dict(dims=2, image_size=48, crop=32, train_images=4, test_images=2, iterations=3, batch=2,
-            features=(4, 8, 16, 32))
+TINY = dict(
+    dims=2, image_size=48, crop=32, train_images=4, test_images=2, iterations=3, batch=2, features=(4, 8, 16, 32)
+)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

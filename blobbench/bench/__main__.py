@@ -1,4 +1,5 @@
 """``python -m blobbench.bench``: the same command as ``python -m blobbench``."""
+
 import sys
 
 from .cli import main

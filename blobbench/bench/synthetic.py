@@ -14,6 +14,7 @@ Two generators:
 Both are deterministic in their seed and cached on disk (``$BLOBBENCH_CACHE``, default
 ``~/.cache/blobbench``); nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Profile", "PROFILES", "synthetic_instances", "grid_instances", "logits_like",
-           "profile_batch", "cache_dir"]
+__all__ = ["Profile", "PROFILES", "synthetic_instances", "grid_instances", "logits_like", "profile_batch", "cache_dir"]
 
 _GENERATOR_VERSION = 1  # bump when the generators change: old cache entries are then ignored
 
@@ -33,11 +33,11 @@ _GENERATOR_VERSION = 1  # bump when the generators change: old cache entries are
 @dataclass(frozen=True)
 class Profile:
     name: str
-    crop: tuple          # (D, H, W) training crop
-    batch: int           # crops per batch x batch size, as in the paper's table
+    crop: tuple  # (D, H, W) training crop
+    batch: int  # crops per batch x batch size, as in the paper's table
     blobs_per_crop: float
     blobs_std: float
-    crops: int = 2       # crops drawn per volume (the "crops" of "crops x batch")
+    crops: int = 2  # crops drawn per volume (the "crops" of "crops x batch")
     description: str = ""
 
 
@@ -100,8 +100,7 @@ def _pareto_radius(rng, cap):
     return min(1.0 + rng.pareto(2.0) * 1.5, cap)
 
 
-def synthetic_instances(shape, n_blobs: int, seed: int, *, connectivity: int = 26,
-                        cache: bool = True) -> np.ndarray:
+def synthetic_instances(shape, n_blobs: int, seed: int, *, connectivity: int = 26, cache: bool = True) -> np.ndarray:
     """One instance map of ``shape`` (3D) with about ``n_blobs`` components (int32).
 
     Blobs are placed uniformly and may touch (they then merge into one component, as lesions do),
@@ -185,8 +184,9 @@ def logits_like(instances: torch.Tensor, seed: int = 0, dtype=torch.float32) -> 
     return (noise + torch.where(instances.cpu() > 0, 1.5, -3.0)).to(dtype)
 
 
-def profile_batch(profile: Profile | str, seed: int = 0, *, batch: int | None = None,
-                  device="cpu", dtype=torch.float32):
+def profile_batch(
+    profile: Profile | str, seed: int = 0, *, batch: int | None = None, device="cpu", dtype=torch.float32
+):
     """(logits, instances) for one training batch of a profile: ``Tensor[B, 1, D, H, W]`` each.
 
     ``batch`` defaults to the paper's crops x batch size for the profile.

@@ -12,6 +12,7 @@ beta=1), ``tversky`` (MONAI TverskyLoss 0.3/0.7), ``blob_tversky`` (:func:`blobb
 alpha=2, beta=1, fp/fn weights 0.3/0.7). The instance maps are labelled once per image with cc3d
 (before cropping, as :class:`blobbench.LabelInstancesd` does in a pipeline).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,7 @@ import torch
 
 from .synthetic import paint_blob
 
-__all__ = ["TrainConfig", "make_dataset", "make_net", "make_loss", "train_step", "train_run",
-           "compare", "LOSSES"]
+__all__ = ["TrainConfig", "make_dataset", "make_net", "make_loss", "train_step", "train_run", "compare", "LOSSES"]
 
 LOSSES = ("dice", "blob_dice", "tversky", "blob_tversky")
 
@@ -37,24 +37,25 @@ class TrainConfig:
     loss: str = "blob_dice"
     seed: int = 0
     dims: int = 2
-    image_size: int = 96          # training / test images are image_size^dims
-    crop: int = 48                # training crops (and the sliding window) are crop^dims
+    image_size: int = 96  # training / test images are image_size^dims
+    crop: int = 48  # training crops (and the sliding window) are crop^dims
     train_images: int = 48
     test_images: int = 16
     iterations: int = 2000
     batch: int = 8
     lr: float = 2e-3
-    features: tuple = (16, 32, 64, 128)   # UNet channels per level
+    features: tuple = (16, 32, 64, 128)  # UNet channels per level
     dropout: float = 0.1
     noise: float = 0.45
-    small_blobs: int = 14         # per image, faint
-    large_blobs: int = 2          # per image, bright
+    small_blobs: int = 14  # per image, faint
+    large_blobs: int = 2  # per image, bright
     threads: int | None = None
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def make_dataset(n: int, cfg: TrainConfig, seed: int):
     """``n`` images and masks: ``float32[n, 1, *shape]`` images, ``bool[n, 1, *shape]`` masks.
@@ -97,6 +98,7 @@ def _random_crops(images, instances, cfg: TrainConfig, gen: torch.Generator):
 
 # ----------------------------------------------------------------------------- model and loss
 
+
 def make_net(cfg: TrainConfig):
     """MONAI ``UNet`` with mish activations and dropout, as in the paper's networks.
 
@@ -108,8 +110,16 @@ def make_net(cfg: TrainConfig):
     from monai.networks.nets import UNet
 
     ch = tuple(cfg.features)
-    return UNet(spatial_dims=cfg.dims, in_channels=1, out_channels=1, channels=ch, strides=(2,) * (len(ch) - 1),
-                num_res_units=2, act=("mish", {}), dropout=cfg.dropout)
+    return UNet(
+        spatial_dims=cfg.dims,
+        in_channels=1,
+        out_channels=1,
+        channels=ch,
+        strides=(2,) * (len(ch) - 1),
+        num_res_units=2,
+        act=("mish", {}),
+        dropout=cfg.dropout,
+    )
 
 
 def make_loss(name: str):
@@ -155,17 +165,21 @@ def predict(net, images, cfg: TrainConfig):
 
 # ----------------------------------------------------------------------------- runs
 
+
 def train_run(cfg: TrainConfig, out_dir: str | None = None, progress: bool = True, data=None) -> dict:
     """Train one network with ``cfg``; evaluate on the test images. Returns a summary dict."""
-    import blobbench
     from tqdm.auto import tqdm
+
+    import blobbench
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if data is None:
-        data = (make_dataset(cfg.train_images, cfg, seed=10_000 + cfg.seed),
-                make_dataset(cfg.test_images, cfg, seed=20_000))  # one test set for every run
+        data = (
+            make_dataset(cfg.train_images, cfg, seed=10_000 + cfg.seed),
+            make_dataset(cfg.test_images, cfg, seed=20_000),
+        )  # one test set for every run
     (train_x, train_m), (test_x, test_m) = data
     train_inst = blobbench.label_instances(train_m)
     device = torch.device(cfg.device)
@@ -175,8 +189,14 @@ def train_run(cfg: TrainConfig, out_dir: str | None = None, progress: bool = Tru
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.iterations), desc=f"{cfg.loss} seed {cfg.seed}", unit="it", file=sys.stderr,
-               disable=not progress, leave=False)
+    bar = tqdm(
+        range(cfg.iterations),
+        desc=f"{cfg.loss} seed {cfg.seed}",
+        unit="it",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
     for it in bar:
         x, inst = _random_crops(train_x, train_inst, cfg, gen)
         x, inst = x.to(device, non_blocking=True), inst.to(device, non_blocking=True)
@@ -188,12 +208,19 @@ def train_run(cfg: TrainConfig, out_dir: str | None = None, progress: bool = Tru
     metric = blobbench.BlobMetrics(threshold=0.5)
     metric(prob, test_m)
     scores = {k: float(v) for k, v in metric.aggregate().items()}
-    summary = {"config": asdict(cfg), "metrics": scores, "train_seconds": train_s,
-               "final_loss": statistics.fmean(losses[-20:]), "loss_curve": losses[:: max(1, len(losses) // 100)]}
+    summary = {
+        "config": asdict(cfg),
+        "metrics": scores,
+        "train_seconds": train_s,
+        "final_loss": statistics.fmean(losses[-20:]),
+        "loss_curve": losses[:: max(1, len(losses) // 100)],
+    }
     if out_dir:
         os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-        torch.save({"state_dict": net.state_dict(), "config": asdict(cfg)},
-                   os.path.join(out_dir, "checkpoints", f"{cfg.loss}_seed{cfg.seed}.pt"))
+        torch.save(
+            {"state_dict": net.state_dict(), "config": asdict(cfg)},
+            os.path.join(out_dir, "checkpoints", f"{cfg.loss}_seed{cfg.seed}.pt"),
+        )
     summary["_prediction"] = prob  # for the figure; dropped before JSON
     return summary
 
@@ -235,8 +262,9 @@ def render_figure(test_x, test_m, predictions: dict, path: str, index: int = 0):
         over = 0.45 * base[..., None].repeat(1, 1, 3) + 0.55 * rgb
         ax.imshow(over.numpy())
         m = blobbench.blob_metrics(pred, gt)
-        ax.set_title(f"{name}: F1 {m['f1'].item():.2f}, DSC {m['dice'].item():.2f}\n"
-                     f"TP green, FP red, FN blue", fontsize=9)
+        ax.set_title(
+            f"{name}: F1 {m['f1'].item():.2f}, DSC {m['dice'].item():.2f}\nTP green, FP red, FN blue", fontsize=9
+        )
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -264,18 +292,34 @@ def compare(losses, seeds, cfg: TrainConfig, out_dir: str, progress: bool = True
             if seed == seeds[0]:
                 first_preds[loss] = pred
             runs.append(r)
-            print(f"  {loss:13s} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()
-                                                           if k in ("dice", "f1", "sensitivity", "precision"))
-                  + f"  ({r['train_seconds']:.0f} s)", flush=True)
+            print(
+                f"  {loss:13s} seed {seed}: "
+                + ", ".join(
+                    f"{k} {v:.3f}" for k, v in r["metrics"].items() if k in ("dice", "f1", "sensitivity", "precision")
+                )
+                + f"  ({r['train_seconds']:.0f} s)",
+                flush=True,
+            )
     table = {}
     for loss in losses:
         rs = [r for r in runs if r["config"]["loss"] == loss]
-        table[loss] = {k: {"mean": statistics.fmean(r["metrics"][k] for r in rs),
-                           "std": statistics.stdev([r["metrics"][k] for r in rs]) if len(rs) > 1 else 0.0}
-                       for k in rs[0]["metrics"]}
-    result = {"config": asdict(cfg), "losses": list(losses), "seeds": list(seeds), "runs": runs,
-              "table": table, "elapsed_s": time.perf_counter() - t0,
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+        table[loss] = {
+            k: {
+                "mean": statistics.fmean(r["metrics"][k] for r in rs),
+                "std": statistics.stdev([r["metrics"][k] for r in rs]) if len(rs) > 1 else 0.0,
+            }
+            for k in rs[0]["metrics"]
+        }
+    result = {
+        "config": asdict(cfg),
+        "losses": list(losses),
+        "seeds": list(seeds),
+        "runs": runs,
+        "table": table,
+        "elapsed_s": time.perf_counter() - t0,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     with open(os.path.join(out_dir, "train_summary.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     text = format_table(result)
@@ -291,11 +335,14 @@ def compare(losses, seeds, cfg: TrainConfig, out_dir: str, progress: bool = True
 
 def format_table(result) -> str:
     cols = (("dice", "DSC"), ("f1", "F1"), ("sensitivity", "IS"), ("precision", "IP"))
-    lines = [f"Test metrics, mean ± std over seeds {result['seeds']} "
-             f"({result['config']['iterations']} iterations each, {result['config']['dims']}D, "
-             f"{result['config']['test_images']} test images)", "",
-             "| loss | " + " | ".join(c[1] for c in cols) + " |",
-             "| --- | " + " | ".join("---" for _ in cols) + " |"]
+    lines = [
+        f"Test metrics, mean ± std over seeds {result['seeds']} "
+        f"({result['config']['iterations']} iterations each, {result['config']['dims']}D, "
+        f"{result['config']['test_images']} test images)",
+        "",
+        "| loss | " + " | ".join(c[1] for c in cols) + " |",
+        "| --- | " + " | ".join("---" for _ in cols) + " |",
+    ]
     for loss, row in result["table"].items():
         lines.append(f"| {loss} | " + " | ".join(f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"

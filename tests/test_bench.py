@@ -130,7 +130,7 @@ def test_command_quick_with_label_file(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "headline ratios" in text and "mine.npy" in text
     assert "host cost proxy (CPU, 1 thread, 1x1x4x4x4 float32" in text
-    res = json.load(open(out / "result.json"))
+    res = json.load(open(out / "latest" / "result.json"))
     assert [c["name"] for c in res["cases"]] == ["ms", "mine.npy"]
     assert res["cases"][1]["shape"] == [2, 1, 32, 64, 64]  # shanel crop clipped to the file's volume
     assert all(m["status"] == "ok" for m in res["measurements"])
@@ -141,7 +141,7 @@ def test_command_quick_with_label_file(tmp_path, capsys):
     assert proxy["ratio_min"] <= proxy["ratio_q1"] <= proxy["ratio_q3"] <= proxy["ratio_max"]
     assert {"speedup_vs_vectorized", "time_over_monai", "memory_over_monai"} <= set(res["ratios"][0])
     if pytest.importorskip("matplotlib"):
-        assert (out / "profiles.png").stat().st_size > 10_000
+        assert (out / "latest" / "profiles.png").stat().st_size > 10_000
 
 
 def test_command_sweep_plots(tmp_path):
@@ -149,12 +149,12 @@ def test_command_sweep_plots(tmp_path):
     out = tmp_path / "out"
     main(["--profiles", "none", "--sweep-instances", "1,8", "--sweep-crop", "8,32,32", "--sweep-edges", "16,24",
           "--sweep-count", "3", "--impls", "fused,naive", "--reps", "1", "--out", str(out)])
-    res = json.load(open(out / "result.json"))
+    res = json.load(open(out / "latest" / "result.json"))
     assert [c["sweep_x"] for c in res["cases"]] == [1, 8, 16 ** 3, 24 ** 3]
     assert {(m["case"], m["impl"]) for m in res["measurements"]} == {
         (c, i) for c in ("N=1", "N=8", "16^3", "24^3") for i in ("fused", "naive")}
     for f in ("sweep_instances.png", "sweep_volume.png"):
-        assert (out / f).stat().st_size > 10_000
+        assert (out / "latest" / f).stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("argv, msg", [

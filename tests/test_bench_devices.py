@@ -214,7 +214,7 @@ def test_command_on_cuda(tmp_path):
                     "fused,vectorized,naive,monai_dice", "--sweep", "instances", "--sweep-instances", "1,8",
                     "--sweep-crop", "8,32,32", check=True))
     assert rc == 0
-    res = json.load(open(tmp_path / "out" / "result.json"))
+    res = json.load(open(tmp_path / "out" / "latest" / "result.json"))
     dev = f"cuda:{torch.cuda.current_device()}"
     assert res["settings"]["devices"] == [dev]
     assert res["measurements"] and all(m["status"] == "ok" and m["device"] == dev for m in res["measurements"])

@@ -19,12 +19,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import resource
-import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .noise import load, summarize_times
 
 __all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "Case", "loss_fn", "forward_backward", "Runner",
            "profile_case", "instances_case", "volume_case", "file_case", "normalize_device",
@@ -499,12 +500,13 @@ class Runner:
                 "reps": self.reps, "max_case_s": self.max_case_s,
                 "mem_budget_bytes": self.mem_budget_bytes}
         budget = self.time_budget_s
+        load_before = load()
         msgs, timed_out = self._run(_worker, task, [
             ("ready", 300.0),                                             # start-up and warm-up
             ("first", budget),                                            # one call within budget
             ("done", budget * max(self.reps, 1) + self.max_case_s + 30.0),
         ])
-        res = {"case": case.name, "kind": case.kind, "impl": impl, "device": device}
+        res = {"case": case.name, "kind": case.kind, "impl": impl, "device": device, "load": load_before}
         if timed_out == "first":
             res.update(status="over budget", error=f"one forward+backward took over {budget:g} s")
             return res
@@ -519,9 +521,9 @@ class Runner:
             res["error"] = f"worker exited with code {msgs.get('exitcode')}"
         times = msgs.get("times_s")
         if res["status"] == "ok" and times:
-            q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-            res.update(times_s=times, reps=len(times), median_s=statistics.median(times),
-                       min_s=min(times), max_s=max(times), q1_s=q[0], q3_s=q[2])
+            res.update(times_s=times, **summarize_times(times))
+        if res["status"] == "ok" and not times:
+            res.update(status="error", error="the worker reported no timed repetition")
         return res
 
     def proxy(self, reps: int = 25, inner: int = 100) -> dict:
@@ -532,6 +534,7 @@ class Runner:
             return {"status": "error", "error": "the host cost proxy took over 300 s"}
         out = {k: v for k, v in msgs.items() if k not in ("event", "proxy")}
         out.update(msgs.get("proxy", {}))
+        out.setdefault("status", "error")
         return out
 
     def check(self, case: Case, devices, losses=("dice",)) -> dict:

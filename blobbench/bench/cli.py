@@ -1,21 +1,6 @@
-"""``blobbench`` / ``python -m blobbench``: benchmark blob Dice implementations side by side.
+"""The ``blobbench`` command: benchmark blob Dice implementations side by side, compare runs.
 
-The default run is the project's main job (a few minutes on a 2-core CPU):
-
-1. for each dataset profile (synthetic, paper-shaped: ms, lits, disco, shanel, deepmact) or each
-   label file given with --labels: check the fused ops against the paper's loop (float64) and
-   print the largest differences, then time forward + backward of the naive loop, the
-   vectorized reference, the fused ops (CPU, and CUDA where present) and plain MONAI DiceLoss,
-   with peak memory, each in a fresh process;
-2. sweep the instance count (1 ... 2000 in a fixed crop) and the volume (32^3 ... 256^3 with a
-   fixed count), so that O(N*V) against O(V) shows;
-3. print a table and write result.json, report.txt and PNG plots to --out.
-
-The naive loop gets a time and a memory budget (--time-budget, --memory-budget); a case that
-exceeds them is recorded as "over budget" or "out of memory".
-
-``blobbench train`` (see ``blobbench train --help``) trains a small MONAI network with dice,
-blob dice, tversky or blob tversky on synthetic instance-imbalanced data and compares them.
+The help text of the parser is :data:`DESCRIPTION` (plain text, no markup).
 """
 from __future__ import annotations
 
@@ -30,17 +15,65 @@ import time
 
 import torch
 
+from .noise import DEFAULT_FACTOR, DEFAULT_THRESHOLD
+
 DEFAULT_PROFILES = ("ms", "lits", "disco", "shanel", "deepmact")
 DEFAULT_IMPLS = ("naive", "vectorized", "fused", "fused_tversky", "monai_dice")
 DEFAULT_SWEEP_N = (1, 4, 16, 64, 256, 1000, 2000)
 DEFAULT_SWEEP_EDGES = (32, 64, 128, 256)
 
+USAGE = """blobbench [bench] [options]                 benchmark (below)
+       blobbench train [options]                   train with dice / blob dice (blobbench train --help)
+       blobbench compare OLD NEW [options]         two runs side by side (blobbench compare --help)
+       blobbench report RUN [options]              redraw a run's report and plots (blobbench report --help)"""
+
+DESCRIPTION = """\
+Benchmark blob Dice implementations side by side. The default run is the project's main job (a few
+minutes on a 2-core CPU):
+
+1. for each dataset profile (synthetic, paper-shaped: ms, lits, disco, shanel, deepmact) or each
+   label file given with --labels: check the fused ops against the paper's loop (float64) and print
+   the largest differences, then time forward + backward of the naive loop, the vectorized
+   reference, the fused ops (CPU, and CUDA where present) and plain MONAI DiceLoss, with peak
+   memory, each in a fresh process;
+2. sweep the instance count (1 ... 2000 in a fixed crop) and the volume (32^3 ... 256^3 with a
+   fixed count), so that O(N*V) against O(V) shows;
+3. measure again what was noisy (spread over --noise-threshold, or a sweep point far off its
+   neighbours) and flag what stays noisy;
+4. print a table and write result.json, report.txt and PNG plots to a new folder under --out
+   (OUT/<time>-<git revision>-<machine>/, OUT/latest points at it).
+
+The naive loop gets a time and a memory budget (--time-budget, --memory-budget); a case that
+exceeds them is recorded as "over budget" or "out of memory". A measurement that fails with an
+error prints its traceback and the command exits with status 1.
+"""
+
 
 def _csv(kind):
+    """An argparse type: a comma-separated list of ``kind``, with a message that names the item."""
+    what = {int: "integers", float: "numbers", str: "names"}[kind]
+
     def parse(s):
         items = [x.strip() for x in s.split(",") if x.strip()]
-        return [kind(x) for x in items]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        out = []
+        for x in items:
+            try:
+                out.append(kind(x))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {x!r} in {s!r}") from None
+        return out
+    parse.__name__ = f"comma-separated {what}"
     return parse
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as plain text for --help: reST roles and double backticks removed."""
+    import re
+
+    doc = re.sub(r":(?:func|class|mod|data|meth|attr):`~?([^`]+)`", r"\1", doc or "")
+    return doc.replace("``", "")
 
 
 def _machine(devices):
@@ -69,7 +102,7 @@ def _machine(devices):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="blobbench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="blobbench", usage=USAGE, description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", type=_csv(str), default=list(DEFAULT_PROFILES),
                     help="dataset profiles, comma separated (default: all five; 'none' for none)")
@@ -98,7 +131,8 @@ def build_parser():
     ap.add_argument("--devices", type=_csv(str), default=None,
                     help="cpu, cuda (the current GPU) and/or cuda:N, comma separated (default: cpu, plus cuda "
                          "when a GPU and the CUDA kernels are present)")
-    ap.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement, at most (default 10)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed repetitions per measurement, at most (default 10; 3 with --quick)")
     ap.add_argument("--max-case-seconds", type=float, default=2.0,
                     help="use fewer repetitions (at least 3) when they would take longer (default 2)")
     ap.add_argument("--time-budget", type=float, default=10.0,
@@ -107,13 +141,27 @@ def build_parser():
                     help="GB of peak memory above the inputs before 'out of memory' (default 4; 0 = no limit)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
-    ap.add_argument("--out", default="blobbench-results", help="output folder (default ./blobbench-results)")
+    ap.add_argument("--out", default="blobbench-results",
+                    help="parent folder of the run folders (default ./blobbench-results): each run writes "
+                         "OUT/<UTC time>-<git revision>-<machine>/ and points OUT/latest at it")
+    ap.add_argument("--name", default=None,
+                    help="the run folder's name instead of <time>-<revision>-<machine> (an existing one is "
+                         "never reused: -2, -3 ... are appended)")
+    ap.add_argument("--noise-threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help=f"a measurement whose IQR/median passes this is measured again, and flagged if it stays "
+                         f"noisy (default {DEFAULT_THRESHOLD:g})")
+    ap.add_argument("--outlier-factor", type=float, default=DEFAULT_FACTOR,
+                    help=f"a sweep point whose median is this factor above (or below) both its neighbours is "
+                         f"measured again, and flagged if it stays off (default {DEFAULT_FACTOR:g})")
+    ap.add_argument("--remeasure", type=int, default=2,
+                    help="rounds of re-measurement of the noisy measurements (default 2; 0: flag only)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--no-check", action="store_true", help="skip the check against the naive loop")
     ap.add_argument("--no-proxy", action="store_true",
                     help="skip the host cost proxy (fused fwd+bwd on 64 voxels / x.sum().backward(), CPU, one thread)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: profile ms with 1 crop, 1 repetition, no sweeps (other options still apply)")
+                    help="smoke run: profile ms with 1 crop, 3 repetitions, no sweeps (options given explicitly "
+                         "still apply)")
     return ap
 
 
@@ -121,11 +169,16 @@ def _validate(args, ap):
     from .bench import IMPLEMENTATIONS
     from .synthetic import PROFILES
 
+    if args.reps is not None and args.reps < 1:
+        ap.error("--reps must be >= 1")
+    if args.remeasure < 0 or args.noise_threshold <= 0 or args.outlier_factor <= 1:
+        ap.error("--remeasure must be >= 0, --noise-threshold > 0 and --outlier-factor > 1")
     if args.quick:
         args.profiles = ["ms"] if args.profiles == list(DEFAULT_PROFILES) else args.profiles
         args.batch = "1" if args.batch == "2" else args.batch
-        args.reps = 1
+        args.reps = 3 if args.reps is None else args.reps
         args.sweep = "none"
+    args.reps = 10 if args.reps is None else args.reps
     if args.profiles == ["none"]:
         args.profiles = []
     for p in args.profiles + [args.labels_profile]:
@@ -143,8 +196,6 @@ def _validate(args, ap):
             ap.error("--batch must be >= 1")
     else:
         args.batch = None
-    if args.reps < 1:
-        ap.error("--reps must be >= 1")
     if args.time_budget <= 0 or args.memory_budget < 0:
         ap.error("--time-budget must be > 0 and --memory-budget >= 0")
     if len(args.sweep_crop) != 3:
@@ -169,16 +220,21 @@ def run_bench(args) -> dict:
     from tqdm.auto import tqdm
 
     from . import bench
+    from .noise import load, remeasure_noisy
     from .report import plot_report, print_report, ratios
+    from .runs import git_revision, machine_slug, new_run_dir, run_id, update_latest
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     machine = _machine(args.devices)
-    print(f"blobbench: {machine['summary']}; CUDA kernels {'built' if machine['cuda_kernels'] else 'not built'}",
-          flush=True)
+    revision = git_revision()
+    name = args.name or run_id(revision, machine_slug(machine.get("gpu")))
+    out = new_run_dir(args.out, name)
+    print(f"blobbench: {machine['summary']}; CUDA kernels {'built' if machine['cuda_kernels'] else 'not built'}; "
+          f"writing {out}", flush=True)
     runner = bench.Runner(threads=torch.get_num_threads(), reps=args.reps, max_case_s=args.max_case_seconds,
                           time_budget_s=args.time_budget, mem_budget_bytes=int(args.memory_budget * 2**30))
+    load_before = load()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="blobbench-") as work:
         cases = []
@@ -210,10 +266,35 @@ def run_bench(args) -> dict:
                     checks[c.name] = runner.check(c, args.devices, losses)
                 else:
                     measurements.append(runner.measure(c, impl, dev))
-        proxy = None if args.no_proxy else runner.proxy()
+        by_name = {c.name: c for c in cases}
+
+        def again(m, reasons):
+            print(f"measuring again: {m['case']} {m['impl']} {m['device']} ({'; '.join(reasons)})", file=sys.stderr)
+
+        measurements = remeasure_noisy(
+            measurements, [c.to_json() for c in cases],
+            lambda case, impl, dev: runner.measure(by_name[case], impl, dev),
+            threshold=args.noise_threshold, factor=args.outlier_factor, retries=args.remeasure, progress=again)
+        proxy = None
+        if not args.no_proxy:
+            proxy = runner.proxy()
+            for _ in range(args.remeasure):
+                if proxy.get("status") != "ok" or proxy["rel_iqr"] <= args.noise_threshold:
+                    break
+                again({"case": "host cost proxy", "impl": "fused", "device": "cpu"},
+                      [f"spread IQR/median {proxy['rel_iqr']:.2f}"])
+                proxy = runner.proxy() | {"attempts": proxy.get("attempts", []) + [
+                    {k: proxy[k] for k in ("ratio", "rel_iqr", "ratio_q1", "ratio_q3")}]}
+            if proxy.get("status") == "ok":
+                proxy["noisy"] = ([f"spread IQR/median {proxy['rel_iqr']:.2f} > {args.noise_threshold:g}"]
+                                  if proxy["rel_iqr"] > args.noise_threshold else [])
     result = {
+        "run": {"id": out.name, "revision": revision, "started_utc": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.perf_counter() - t_start))),
+                "load_before": load_before, "load_after": load(), "cpus": os.cpu_count(),
+                "command": "blobbench " + " ".join(getattr(args, "argv", []))},
         "machine": machine,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"devices": args.devices},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "argv")} | {"devices": args.devices},
         "cases": [c.to_json() for c in cases],
         "checks": checks,
         "measurements": measurements,
@@ -221,26 +302,42 @@ def run_bench(args) -> dict:
         "elapsed_s": time.perf_counter() - t_start,
     }
     result["ratios"] = ratios(result)
-    with open(os.path.join(args.out, "result.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    buf = io.StringIO()
-    print_report(result, file=buf)
-    text = buf.getvalue()
-    print(text)
-    with open(os.path.join(args.out, "report.txt"), "w") as fh:
-        fh.write(text)
-    written = [os.path.join(args.out, "result.json"), os.path.join(args.out, "report.txt")]
-    if not args.no_plots:
-        try:
-            written += plot_report(result, args.out)
-        except ImportError:
-            print("matplotlib is not installed: no plots (pip install 'blobbench[bench]')")
-    print(f"wrote {', '.join(written)} in {result['elapsed_s']:.0f} s")
+    written = write_run(result, out, plots=not args.no_plots)
+    latest = update_latest(args.out, out)
+    print(f"wrote {', '.join(written)} in {result['elapsed_s']:.0f} s; {latest} -> {out.name}")
     failed = [c for c, chk in checks.items() if chk.get("status") not in ("ok", "error")]
     if failed:
         print(f"WARNING: the check against the naive loop did not complete for {failed} (over budget or out of "
               "memory)")
+    result["out"] = str(out)
     return result
+
+
+def write_run(result: dict, out, plots: bool = True, echo: bool = True) -> list[str]:
+    """result.json (unless it is there already), report.txt and the plots of ``result`` in ``out``."""
+    from .report import plot_report, print_report
+
+    out = str(out)
+    written = []
+    path = os.path.join(out, "result.json")
+    if not os.path.exists(path):
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+        written.append(path)
+    buf = io.StringIO()
+    print_report(result, file=buf)
+    text = buf.getvalue()
+    if echo:
+        print(text)
+    with open(os.path.join(out, "report.txt"), "w") as fh:
+        fh.write(text)
+    written.append(os.path.join(out, "report.txt"))
+    if plots:
+        try:
+            written += plot_report(result, out)
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install 'blobbench[bench]')")
+    return written
 
 
 def run_errors(result: dict) -> list[str]:
@@ -278,7 +375,7 @@ def build_train_parser():
     from .train import LOSSES, TrainConfig, __doc__ as train_doc
 
     d = TrainConfig()
-    ap = argparse.ArgumentParser(prog="blobbench train", description=train_doc,
+    ap = argparse.ArgumentParser(prog="blobbench train", description=plain_text(train_doc),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", action="store_true",
                     help="the comparison: every loss (dice, blob_dice, tversky, blob_tversky) with seeds 0,1,2 "
@@ -292,8 +389,10 @@ def build_train_parser():
     ap.add_argument("--dims", type=int, choices=(2, 3), default=d.dims, help="2D or 3D data (default 2)")
     ap.add_argument("--image-size", type=int, default=d.image_size, help=f"image edge (default {d.image_size})")
     ap.add_argument("--crop", type=int, default=d.crop, help=f"crop / sliding-window edge (default {d.crop})")
-    ap.add_argument("--train-images", type=int, default=d.train_images)
-    ap.add_argument("--test-images", type=int, default=d.test_images)
+    ap.add_argument("--train-images", type=int, default=d.train_images,
+                    help=f"synthetic training images, cropped at random each step (default {d.train_images})")
+    ap.add_argument("--test-images", type=int, default=d.test_images,
+                    help=f"synthetic test images, segmented whole and scored (default {d.test_images})")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--device", default=None,
                     help="cpu or cuda (default: cuda when a GPU and the CUDA kernels are present)")
@@ -314,6 +413,8 @@ def main_train(argv):
             ap.error(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
     if args.iterations < 1 or args.batch < 1:
         ap.error("--iterations and --batch must be >= 1")
+    if args.train_images < 1 or args.test_images < 1:
+        ap.error("--train-images and --test-images must be >= 1")
     if args.crop > args.image_size:
         ap.error("--crop must not exceed --image-size")
     if args.threads:
@@ -335,15 +436,112 @@ def main_train(argv):
     return 0
 
 
+def build_compare_parser():
+    from .compare import __doc__ as compare_doc
+
+    ap = argparse.ArgumentParser(prog="blobbench compare", description=plain_text(compare_doc),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old", metavar="OLD", help="the baseline: a result.json, a run folder, or a folder with 'latest'")
+    ap.add_argument("new", metavar="NEW", help="the run to judge, same forms")
+    ap.add_argument("--threshold", type=float, default=0.10,
+                    help="time ratio beyond 1 + this (with its interval above 1) is a regression (default 0.10)")
+    ap.add_argument("--memory-threshold", type=float, default=0.10,
+                    help="peak memory growth beyond this fraction (and over --memory-floor MB) is a regression "
+                         "(default 0.10)")
+    ap.add_argument("--memory-floor", type=float, default=1.0, help="MB of growth ignored (default 1)")
+    ap.add_argument("--out", default="blobbench-compare",
+                    help="folder for compare.txt, compare.json and compare.png (default ./blobbench-compare)")
+    ap.add_argument("--no-plots", action="store_true", help="skip compare.png")
+    return ap
+
+
+def main_compare(argv):
+    """Exit status 0: no regression; 1: at least one; 2: bad arguments or unreadable results."""
+    from .compare import compare_runs, format_compare, load_run, plot_compare
+
+    ap = build_compare_parser()
+    args = ap.parse_args(argv)
+    if args.threshold <= 0 or args.memory_threshold <= 0 or args.memory_floor < 0:
+        ap.error("--threshold and --memory-threshold must be > 0, --memory-floor >= 0")
+    runs = []
+    for p in (args.old, args.new):
+        try:
+            runs.append(load_run(p))
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
+    (old, old_path), (new, new_path) = runs
+    cmp = compare_runs(old, new, args.threshold, args.memory_threshold, int(args.memory_floor * 2**20))
+    names = [r.get("run", {}).get("id") or str(p) for r, p in runs]
+    text = format_compare(cmp, f"{names[0]} ({old_path})", f"{names[1]} ({new_path})")
+    print(text, end="")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.txt"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(args.out, "compare.json"), "w") as fh:
+        json.dump(cmp | {"old": str(old_path), "new": str(new_path)}, fh, indent=1)
+    if not args.no_plots and cmp["rows"]:
+        try:
+            plot_compare(cmp, os.path.join(args.out, "compare.png"), names[0], names[1])
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install 'blobbench[bench]')")
+    print(f"wrote {args.out}/compare.txt, compare.json" + ("" if args.no_plots else ", compare.png"))
+    return 1 if cmp["regressions"] else 0
+
+
+def build_report_parser():
+    ap = argparse.ArgumentParser(
+        prog="blobbench report",
+        description="Print a run's report again and redraw its plots from its result.json (into the run's "
+                    "folder); with --readme, regenerate the README block of that run (between the markers "
+                    "<!-- blobbench report RUN --> and <!-- /blobbench report -->).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", metavar="RUN", help="a run folder, a result.json, or a folder with 'latest'")
+    ap.add_argument("--readme", metavar="FILE", default=None, help="rewrite RUN's block in this markdown file")
+    ap.add_argument("--check", action="store_true",
+                    help="with --readme: change nothing, exit 1 if the block differs from what RUN gives")
+    ap.add_argument("--no-plots", action="store_true", help="do not redraw the plots")
+    return ap
+
+
+def main_report(argv):
+    from .compare import load_run
+    from .report import update_readme
+
+    ap = build_report_parser()
+    args = ap.parse_args(argv)
+    try:
+        result, path = load_run(args.run)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    if args.readme:
+        try:
+            changed = update_readme(args.readme, result, path.parent, write=not args.check)
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
+        if args.check:
+            print(f"{args.readme}: the block of {path.parent} is {'out of date' if changed else 'current'}")
+            return 1 if changed else 0
+        print(f"{args.readme}: {'updated' if changed else 'already current'} from {path}")
+    if not args.check:
+        written = write_run(result, path.parent, plots=not args.no_plots, echo=not args.readme)
+        print(f"wrote {', '.join(written)}")
+    return 0
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return main_train(argv[1:])
+    if argv and argv[0] == "compare":
+        return main_compare(argv[1:])
+    if argv and argv[0] == "report":
+        return main_report(argv[1:])
     if argv and argv[0] == "bench":
         argv = argv[1:]
     ap = build_parser()
     args = ap.parse_args(argv)
     _validate(args, ap)
+    args.argv = argv
     result = run_bench(args)
     return report_errors(result)
 

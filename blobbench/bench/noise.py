@@ -1,0 +1,115 @@
+"""Noise you can see: the spread of each measurement, outliers in the sweeps, re-measurement.
+
+A measurement is *noisy* when
+
+- its spread, the interquartile range of its repetitions over their median (``rel_iqr``), passes
+  ``threshold`` (needs at least 3 repetitions), or
+- it is an interior point of a sweep (instances or volume, same implementation and device) whose
+  median lies outside ``[min(neighbours) / factor, max(neighbours) * factor]``: a spike (another
+  process) or a dip that the smooth O(N·V) / O(V) curves cannot produce.
+
+:func:`remeasure_noisy` measures the noisy ones again (up to ``retries`` times, each a fresh
+process) and keeps the attempt with the lowest median (interference from other processes only
+ever adds time), the other attempts recorded under ``"attempts"``. Those still noisy after the
+last retry carry their reasons under ``"noisy"`` (an empty list: not noisy), which the table, the JSON and the plots show.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+__all__ = ["DEFAULT_THRESHOLD", "DEFAULT_FACTOR", "summarize_times", "load", "noise_reasons",
+           "remeasure_noisy"]
+
+DEFAULT_THRESHOLD = 0.25   # IQR / median
+DEFAULT_FACTOR = 1.5       # sweep neighbours
+
+
+def summarize_times(times) -> dict:
+    """Median, extremes, quartiles and ``rel_iqr`` (None below 3 repetitions) of repetition times."""
+    times = list(times)
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"reps": len(times), "median_s": med, "min_s": min(times), "max_s": max(times), "q1_s": q[0],
+            "q3_s": q[2], "rel_iqr": (q[2] - q[0]) / med if len(times) >= 3 and med > 0 else None}
+
+
+def load() -> list[float] | None:
+    """The machine's load averages (1, 5, 15 minutes), None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _spread_reason(m, threshold):
+    r = m.get("rel_iqr")
+    if m.get("status") == "ok" and r is not None and r > threshold:
+        return f"spread IQR/median {r:.2f} > {threshold:g}"
+    return None
+
+
+def noise_reasons(measurements: list[dict], cases: list[dict], threshold: float = DEFAULT_THRESHOLD,
+                  factor: float = DEFAULT_FACTOR) -> dict[int, list[str]]:
+    """Index in ``measurements`` -> why it is noisy, for the noisy ones (see the module doc)."""
+    out: dict[int, list[str]] = {}
+    for i, m in enumerate(measurements):
+        reason = _spread_reason(m, threshold)
+        if reason:
+            out.setdefault(i, []).append(reason)
+    sweep_x = {c["name"]: c["sweep_x"] for c in cases if c["kind"] in ("instances", "volume")}
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(measurements):
+        if m["case"] in sweep_x and m.get("status") == "ok":
+            groups.setdefault((m["kind"], m["impl"], m["device"]), []).append(i)
+    for idx in groups.values():
+        idx.sort(key=lambda i: sweep_x[measurements[i]["case"]])
+        for a, i, b in zip(idx, idx[1:], idx[2:]):
+            lo = min(measurements[a]["median_s"], measurements[b]["median_s"])
+            hi = max(measurements[a]["median_s"], measurements[b]["median_s"])
+            t = measurements[i]["median_s"]
+            if t > hi * factor or t < lo / factor:
+                out.setdefault(i, []).append(
+                    f"median {t * 1e3:.3g} ms outside its sweep neighbours' {lo * 1e3:.3g}-{hi * 1e3:.3g} ms "
+                    f"(x{factor:g})")
+    return out
+
+
+def _attempt(m: dict, reasons) -> dict:
+    keys = ("status", "median_s", "min_s", "max_s", "rel_iqr", "reps", "peak_bytes", "load")
+    return {k: m[k] for k in keys if k in m} | {"reasons": list(reasons)}
+
+
+def remeasure_noisy(measurements: list[dict], cases: list[dict], measure, *, threshold: float = DEFAULT_THRESHOLD,
+                    factor: float = DEFAULT_FACTOR, retries: int = 2, progress=None) -> list[dict]:
+    """Measure the noisy measurements again, up to ``retries`` rounds; flag those that stay noisy.
+
+    ``measure(case_name, impl, device) -> measurement dict``. Returns the new list (same order);
+    every measurement gets ``"noisy"`` (list of reasons, empty when clean) and, when re-measured,
+    ``"attempts"`` (the attempts not kept, each with why it was measured again or set aside).
+    """
+    ms = [dict(m) for m in measurements]
+    for _ in range(retries):
+        flagged = noise_reasons(ms, cases, threshold, factor)
+        if not flagged:
+            break
+        for i, reasons in flagged.items():
+            old = ms[i]
+            if progress:
+                progress(old, reasons)
+            new = dict(measure(old["case"], old["impl"], old["device"]))
+            history = old.pop("attempts", [])
+            status = new.get("status")
+            if status == "ok":      # the faster of the two: interference only adds time
+                keep, other = (new, old) if new["median_s"] < old["median_s"] else (old, new)
+            elif status in ("over budget", "out of memory"):
+                keep, other = old, new
+            else:                   # an error on re-measurement is reported, never hidden behind the old value
+                keep, other = new, old
+            other_reasons = reasons if other is old else [f"re-measured ({status})"]
+            keep["attempts"] = history + [_attempt(other, other_reasons)]
+            ms[i] = keep
+    final = noise_reasons(ms, cases, threshold, factor)
+    for i, m in enumerate(ms):
+        m["noisy"] = final.get(i, [])
+    return ms

@@ -83,7 +83,11 @@ class LabelInstancesd(MapTransform):
                     raise ValueError(f"LabelInstancesd: {key!r} must hold integer labels")
                 arr = arr.long()
             inst = label_instances(
-                arr.as_subclass(torch.Tensor)[None], self.connectivity, num_classes=self.num_classes, dtype=torch.int64
+                arr.as_subclass(torch.Tensor)[None],
+                self.connectivity,
+                spatial_dims=arr.dim() - 1,  # channel-first (C, *spatial), MONAI's layout
+                num_classes=self.num_classes,
+                dtype=torch.int64,
             )[0]
             if self.dtype == "auto":
                 dtype = smallest_label_dtype(int(inst.max()) if inst.numel() else 0)

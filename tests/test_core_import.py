@@ -32,7 +32,7 @@ inst = torch.randint(0, 4, (2, 2, 6, 6), generator=g)
 (blobbench.blob_dice(x, inst) + blobbench.blob_tversky(x, inst)).backward()
 blobbench.BlobDiceLoss()(x, inst)
 blobbench.instance_stats(x, inst)
-blobbench.blob_metrics(inst, inst)
+blobbench.blob_metrics(inst, inst, spatial_dims=2)
 blobbench.vectorized_blob_loss(x, inst)
 """
     assert _loaded_after(code) == []
@@ -62,11 +62,11 @@ def test_label_instances_without_cc3d_names_the_extra(monkeypatch):
     _block(monkeypatch, "cc3d")
     mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
     with pytest.raises(ImportError, match=r'label_instances needs cc3d.*pip install "blobbench\[instances\]"'):
-        blobbench.label_instances(mask)
+        blobbench.label_instances(mask, spatial_dims=2)
     # The metrics label bool masks with cc3d; instance maps need no labelling.
     with pytest.raises(ImportError, match=r"blobbench\[instances\]"):
-        blobbench.blob_metrics(mask, mask)
-    assert blobbench.blob_metrics(mask.long(), mask.long())["f1"].item() == 1.0
+        blobbench.blob_metrics(mask, mask, spatial_dims=2)
+    assert blobbench.blob_metrics(mask.long(), mask.long(), spatial_dims=2)["f1"].item() == 1.0
 
 
 def test_naive_references_without_monai_name_the_extra(monkeypatch):

@@ -108,10 +108,11 @@ def _metrics_loop(pred, gt):
     fn = sum(1 for k in range(1, gl.max() + 1) if not (pred[gl == k]).any())
     inter, P, G = (pred & gt).sum(), pred.sum(), gt.sum()
     r = lambda n, d: n / d if d else 1.0  # noqa: E731
+    sens, prec = r(tp, tp + fn), r(tp, tp + fp)  # paper section 2.5
     return {
-        "f1": r(2 * tp, 2 * tp + fp + fn),
-        "sensitivity": r(gl.max() - fn, gl.max()),
-        "precision": r(tp, pl.max()),
+        "f1": 2 * sens * prec / (sens + prec) if sens + prec else 0.0,
+        "sensitivity": sens,
+        "precision": prec,
         "dice": r(2 * inter, P + G),
         "volumetric_sensitivity": r(inter, G),
         "volumetric_precision": r(inter, P),
@@ -142,9 +143,51 @@ def test_metrics_one_prediction_over_two_blobs():
     gt[0, 0, 0, 5:7] = True
     pred = torch.zeros_like(gt)
     pred[0, 0, 0, 1:7] = True  # one predicted blob covering both
-    c = detection_counts(pred, gt)
+    c = detection_counts(pred, gt, spatial_dims=2)
     assert (c["tp"].item(), c["fp"].item(), c["fn"].item(), c["n_gt"].item()) == (1, 0, 0, 2)
-    assert blob_metrics(pred, gt)["sensitivity"].item() == 1.0
+    m = blob_metrics(pred, gt, spatial_dims=2)
+    # a merge: one TP, nothing missed, nothing false
+    assert (m["sensitivity"].item(), m["precision"].item(), m["f1"].item()) == (1.0, 1.0, 1.0)
+
+
+def test_metrics_split_counts_both_pieces():
+    # One true blob, predicted as two disconnected pieces that both lie on it: TP counts
+    # predicted blobs (paper section 2.5), so TP = 2, FN = 0, FP = 0 and S = P = F1 = 1.
+    gt = torch.zeros(1, 1, 6, 6, 6, dtype=torch.bool)
+    gt[0, 0, 1:5, 1:5, 1:5] = True
+    pred = torch.zeros_like(gt)
+    pred[0, 0, 1, 1, 1:5] = True
+    pred[0, 0, 4, 4, 1:5] = True
+    c = detection_counts(pred, gt)
+    assert {k: c[k].item() for k in ("tp", "fp", "fn", "n_pred", "n_gt", "gt_detected")} == {
+        "tp": 2,
+        "fp": 0,
+        "fn": 0,
+        "n_pred": 2,
+        "n_gt": 1,
+        "gt_detected": 1,
+    }
+    m = blob_metrics(pred, gt)
+    assert (m["sensitivity"].item(), m["precision"].item(), m["f1"].item()) == (1.0, 1.0, 1.0)
+
+
+def test_metrics_sensitivity_is_tp_over_tp_plus_fn():
+    # Where splits make TP differ from the number of detected true blobs, S = TP / (TP + FN),
+    # not detected / n_gt, and F1 is the harmonic mean of the reported S and P.
+    gt = torch.zeros(1, 1, 8, 8, 8, dtype=torch.bool)
+    gt[0, 0, 0:3, 0:3, 0:3] = True  # A: split into two predicted pieces
+    gt[0, 0, 5:8, 5:8, 5:8] = True  # B: missed
+    pred = torch.zeros_like(gt)
+    pred[0, 0, 0, 0, 0:3] = True
+    pred[0, 0, 2, 2, 0:3] = True
+    pred[0, 0, 0, 7, 0] = True  # a false positive
+    c = detection_counts(pred, gt)
+    assert (c["tp"].item(), c["fp"].item(), c["fn"].item(), c["gt_detected"].item()) == (2, 1, 1, 1)
+    m = blob_metrics(pred, gt)
+    s, p = 2 / 3, 2 / 3
+    assert m["sensitivity"].item() == pytest.approx(s) and m["precision"].item() == pytest.approx(p)
+    assert m["f1"].item() == pytest.approx(2 * s * p / (s + p))
+    assert m["f1"].item() == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # = 2TP / (2TP + FP + FN)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -157,7 +200,7 @@ def test_metrics_against_loop(seed):
     t_pred, t_gt = torch.from_numpy(pred), torch.from_numpy(gt)
     if spatial2d:
         t_pred, t_gt = t_pred[:, :, 0], t_gt[:, :, 0]
-    got = blob_metrics(t_pred, t_gt)
+    got = blob_metrics(t_pred, t_gt, spatial_dims=2 if spatial2d else 3)
     for b in range(shape[0]):
         for c in range(shape[1]):
             p, g = pred[b, c], gt[b, c]
@@ -196,16 +239,16 @@ def test_metrics_instance_maps_and_errors():
     gt[0, 0, 0, 0] = 7
     gt[0, 0, 0, 1] = 9  # touching, but different ids: two instances
     pred = gt > 0
-    c = detection_counts(pred, gt)
+    c = detection_counts(pred, gt, spatial_dims=2)
     assert (c["n_gt"].item(), c["n_pred"].item(), c["tp"].item()) == (2, 1, 1)
     with pytest.raises(TypeError, match="threshold"):
-        blob_metrics(torch.rand(1, 1, 6, 6), gt)
+        blob_metrics(torch.rand(1, 1, 6, 6), gt, spatial_dims=2)
     with pytest.raises(ValueError, match="same shape"):
-        blob_metrics(pred[..., :3], gt)
+        blob_metrics(pred[..., :3], gt, spatial_dims=2)
 
 
 def test_blob_metrics_class():
-    metric = BlobMetrics(sigmoid=True)
+    metric = BlobMetrics(sigmoid=True, spatial_dims=2)
     gt = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     gt[:, 0, 1:3, 1:3] = True
     logits = torch.full((2, 1, 8, 8), -5.0)

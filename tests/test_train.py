@@ -42,7 +42,7 @@ def test_3d_run_and_figure(tmp_path):
 def test_dataset_is_instance_imbalanced():
     cfg = TrainConfig(**{**TINY, "image_size": 96})
     images, masks = make_dataset(6, cfg, seed=0)
-    inst = blobbench.label_instances(masks)
+    inst = blobbench.label_instances(masks, spatial_dims=2)
     sizes = torch.cat([torch.bincount(inst[i].reshape(-1).long())[1:] for i in range(6)])
     sizes = sizes[sizes > 0].double()
     assert sizes.numel() > 30 and sizes.median() < 30 and sizes.max() > 150
@@ -59,7 +59,7 @@ def _batch(seed, n=4):
     cfg = TrainConfig(**{**TINY, "image_size": 32})
     x, m = make_dataset(n, cfg, seed=seed)
     m[:, 0, 0, 0] = True  # every element has at least one instance (see the DDP test)
-    return x.double(), blobbench.label_instances(m)
+    return x.double(), blobbench.label_instances(m, spatial_dims=2)
 
 
 def _grads(net):

@@ -181,7 +181,7 @@ def train_run(cfg: TrainConfig, out_dir: str | None = None, progress: bool = Tru
             make_dataset(cfg.test_images, cfg, seed=20_000),
         )  # one test set for every run
     (train_x, train_m), (test_x, test_m) = data
-    train_inst = blobbench.label_instances(train_m)
+    train_inst = blobbench.label_instances(train_m, spatial_dims=cfg.dims)
     device = torch.device(cfg.device)
     net = make_net(cfg).to(device)
     loss_fn = make_loss(cfg.loss)
@@ -205,7 +205,7 @@ def train_run(cfg: TrainConfig, out_dir: str | None = None, progress: bool = Tru
             bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.4f}")
     train_s = time.perf_counter() - t0
     prob = predict(net, test_x.to(device), cfg).cpu()
-    metric = blobbench.BlobMetrics(threshold=0.5)
+    metric = blobbench.BlobMetrics(threshold=0.5, spatial_dims=cfg.dims)
     metric(prob, test_m)
     scores = {k: float(v) for k, v in metric.aggregate().items()}
     summary = {
@@ -242,7 +242,8 @@ def render_figure(test_x, test_m, predictions: dict, path: str, index: int = 0):
 
     img = _mip(test_x[index, 0])
     gt = test_m[index : index + 1]
-    gt_inst = blobbench.label_instances(gt)[0, 0]
+    dims = gt.dim() - 2
+    gt_inst = blobbench.label_instances(gt, spatial_dims=dims)[0, 0]
     n = len(predictions) + 1
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.9))
     axes[0].imshow(img.numpy(), cmap="gray")
@@ -250,7 +251,7 @@ def render_figure(test_x, test_m, predictions: dict, path: str, index: int = 0):
     axes[0].set_title(f"image, ground truth (yellow)\n{int(gt_inst.max())} blobs", fontsize=9)
     for ax, (name, prob) in zip(axes[1:], predictions.items()):
         pred = prob[index : index + 1] > 0.5
-        pred_inst = blobbench.label_instances(pred)[0, 0]
+        pred_inst = blobbench.label_instances(pred, spatial_dims=dims)[0, 0]
         # TP: predicted blobs touching the truth; FP: the others; FN: true blobs no prediction touches.
         hit_pred = torch.unique(pred_inst[(pred_inst > 0) & (gt_inst > 0)])
         hit_gt = torch.unique(gt_inst[(pred_inst > 0) & (gt_inst > 0)])
@@ -261,7 +262,7 @@ def render_figure(test_x, test_m, predictions: dict, path: str, index: int = 0):
         base = (img - img.min()) / (img.max() - img.min() + 1e-8)
         over = 0.45 * base[..., None].repeat(1, 1, 3) + 0.55 * rgb
         ax.imshow(over.numpy())
-        m = blobbench.blob_metrics(pred, gt)
+        m = blobbench.blob_metrics(pred, gt, spatial_dims=dims)
         ax.set_title(
             f"{name}: F1 {m['f1'].item():.2f}, DSC {m['dice'].item():.2f}\nTP green, FP red, FN blue", fontsize=9
         )

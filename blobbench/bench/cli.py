@@ -449,8 +449,8 @@ def build_compare_parser():
                     help="peak memory growth beyond this fraction (and over --memory-floor MB) is a regression "
                          "(default 0.10)")
     ap.add_argument("--memory-floor", type=float, default=1.0, help="MB of growth ignored (default 1)")
-    ap.add_argument("--out", default="blobbench-compare",
-                    help="folder for compare.txt, compare.json and compare.png (default ./blobbench-compare)")
+    ap.add_argument("--out", default=os.path.join("blobbench-results", "compare"),
+                    help="folder for compare.txt, compare.json and compare.png (default ./blobbench-results/compare)")
     ap.add_argument("--no-plots", action="store_true", help="skip compare.png")
     return ap
 

@@ -284,6 +284,9 @@ def plot_report(result: dict, outdir) -> list[str]:
                             any_noisy = True
                             ax.plot(*zip(*bad), "o", ms=13, mfc="none", mec="red", mew=1.8)
                     for r in rs:
+                        if key == "peak_bytes" and r["status"] == "ok" and r.get(key, 1) <= 0:
+                            ax.annotate("0 MB", (cases[r["case"]]["sweep_x"], 0.01), xycoords=("data", "axes fraction"),
+                                        ha="center", va="bottom", fontsize=7, color=color)
                         if r["status"] != "ok":
                             x = cases[r["case"]]["sweep_x"]
                             ax.axvline(x, color=color, alpha=0.25, lw=6)
@@ -395,7 +398,7 @@ def readme_block(result: dict, run_dir) -> str:
     m = result["machine"]
     run = result.get("run", {})
     s = result["settings"]
-    when = run.get("started_utc", "")[:10] or os.path.basename(run_dir)
+    when = run.get("started_utc", "")[:10]
     flags, _ = noise_flags(result)
     lines = [
         f"Machine: **{m['summary']}**; run `{run.get('id', os.path.basename(run_dir))}`"

@@ -70,7 +70,9 @@ def _pip_cuda_includes():
 
 
 def _extension():
-    sources = [os.path.join("csrc", "blob_ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", "blob_ops.cpp")]
+    for folder in ("autograd", "cpu"):
+        sources += sorted(glob.glob(os.path.join("csrc", folder, "*.cpp")))
     # -fno-trapping-math: lets GCC if-convert the clamps of the exp polynomial so the activation
     # loops vectorise (the kernels never rely on floating-point exception flags).
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]

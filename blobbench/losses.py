@@ -32,6 +32,14 @@ def _max_label_arg(max_label):
     return max_label
 
 
+# The operator overloads, looked up once. Eager calls go to the public ops (autograd in C++,
+# one dispatch per call); torch.compile traces the private forward ops (blobbench/_ops.py).
+_DICE = torch.ops.blob.dice.default
+_TVERSKY = torch.ops.blob.tversky.default
+_DICE_FORWARD = torch.ops.blob._dice_forward.default
+_TVERSKY_FORWARD = torch.ops.blob._tversky_forward.default
+
+
 def blob_dice(
     input: torch.Tensor,
     instances: torch.Tensor,
@@ -79,11 +87,15 @@ def blob_dice(
         >>> loss = blob_dice(logits, instances)
         >>> loss.backward()
     """
-    # blob::dice_forward rather than the composite blob::dice: under torch.compile its extra
-    # outputs (whose size depends on the label range) must stay visible to the tracer.
-    return torch.ops.blob.dice_forward(
-        input, instances, float(alpha), float(beta), activation, masking, bool(squared_pred),
-        float(smooth_nr), float(smooth_dr), _max_label_arg(max_label))[0]
+    if torch.compiler.is_compiling():
+        # Traceable for any label range: the private forward op exposes the table's size.
+        return _DICE_FORWARD(
+            input, instances, float(alpha), float(beta), activation, masking, bool(squared_pred),
+            float(smooth_nr), float(smooth_dr), _max_label_arg(max_label))[0]
+    return _DICE(
+        input, instances, float(alpha), float(beta), activation=activation, masking=masking,
+        squared_pred=bool(squared_pred), smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr),
+        max_label=_max_label_arg(max_label))
 
 
 def blob_tversky(
@@ -108,9 +120,14 @@ def blob_tversky(
     renamed so they cannot be confused with ``alpha`` / ``beta`` of blob loss (global / blob
     weights). Shapes, activations, masking and ``max_label`` are as in :func:`blob_dice`.
     """
-    return torch.ops.blob.tversky_forward(
-        input, instances, float(alpha), float(beta), activation, masking, float(fp_weight),
-        float(fn_weight), float(smooth_nr), float(smooth_dr), _max_label_arg(max_label))[0]
+    if torch.compiler.is_compiling():
+        return _TVERSKY_FORWARD(
+            input, instances, float(alpha), float(beta), activation, masking, float(fp_weight),
+            float(fn_weight), float(smooth_nr), float(smooth_dr), _max_label_arg(max_label))[0]
+    return _TVERSKY(
+        input, instances, float(alpha), float(beta), activation=activation, masking=masking,
+        fp_weight=float(fp_weight), fn_weight=float(fn_weight), smooth_nr=float(smooth_nr),
+        smooth_dr=float(smooth_dr), max_label=_max_label_arg(max_label))
 
 
 _ACTIVATIONS = ("sigmoid", "softmax", "none")

@@ -1,14 +1,21 @@
 // Schemas of the blob loss operators and their device-independent glue.
 //
-// blob::dice is the public operator. It is CompositeImplicitAutograd: it calls
-// blob::dice_forward, which returns the loss together with the per-label coefficient table that
-// the one-pass backward (blob::dice_backward) needs, and the sorted label ids when the label
-// range was compacted. Autograd, the fake kernels and the Python-side checks of these ops live
-// in blobbench/_ops.py.
+// Public operators: blob::dice, blob::tversky (the losses) and blob::label_stats (the per-label
+// sums). Private operators (leading underscore, as torchvision names its backward ops):
+// blob::_dice_forward / blob::_tversky_forward return the loss together with the per-label
+// coefficient table the one-pass backward needs and the compacted label ids;
+// blob::_dice_backward / blob::_tversky_backward are that backward. Autograd is C++
+// (autograd/blob_autograd.cpp): the public losses call the private forward op below the
+// Autograd key and the private backward op in their backward, so no Python runs per call.
+// Each device registers its kernels for every op in its own TORCH_LIBRARY_IMPL block
+// (cpu/blob_loss_kernel.cpp, cuda/blob_loss_kernel.cu); the fake kernels are in
+// blobbench/_ops.py.
 //
-// Per call: an optional aminmax over the labels (skipped when max_label is given: then there is
-// no device-to-host sync at all), one pass over the voxels (accumulate), a finalisation over
-// the O(B*C*K) table, and in the backward one more pass over the voxels.
+// Per forward call: with `max_label` given, one pass over the voxels (accumulate) and a
+// finalisation over the O(B*C*K) table, with no device-to-host sync while the dense table fits
+// (kDenseTableBudget). Without `max_label`, one aminmax and one sync find the range first.
+// Sparse ids beyond a dense table are compacted per (b, c) plane with a sort: that path syncs
+// (docs/design.md, "Label ranges"). The backward is one more pass over the voxels.
 #include "blob_ops.h"
 
 #include <ATen/Parallel.h>
@@ -62,8 +69,9 @@ bool is_label_dtype(at::ScalarType t) {
   return t == at::kByte || t == at::kShort || t == at::kInt || t == at::kLong;
 }
 
-void check_inputs(const at::Tensor& input, const at::Tensor& instances, int32_t activation,
-                  int64_t max_label, const char* op) {
+// The checks every op entry runs on `input` and `instances` (the fake kernels in
+// blobbench/_ops.py mirror them; tests/test_edge_cases.py holds the two to the same rules).
+void check_tensors(const at::Tensor& input, const at::Tensor& instances, const char* op) {
   const auto st = input.scalar_type();
   TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
                    op, ": `input` must be a float16, bfloat16, float32 or float64 tensor, got ", st);
@@ -79,9 +87,15 @@ void check_inputs(const at::Tensor& input, const at::Tensor& instances, int32_t 
                     shape(instances.sizes()), " and input ", shape(input.sizes()));
   TORCH_CHECK_VALUE(input.device() == instances.device(), op,
                     ": `input` and `instances` must be on the same device, got input on ",
-                    input.device(), " and instances on ", instances.device());
-  TORCH_CHECK_VALUE(input.numel() > 0, op, ": `input` must not be empty, got shape ",
+                    input.device().str(), " and instances on ", instances.device().str());
+  TORCH_CHECK_VALUE(input.numel() > 0, op,
+                    ": `input` must not be empty (an empty batch has no loss), got shape ",
                     shape(input.sizes()));
+}
+
+void check_inputs(const at::Tensor& input, const at::Tensor& instances, int32_t activation,
+                  int64_t max_label, const char* op) {
+  check_tensors(input, instances, op);
   TORCH_CHECK_VALUE(activation != kSoftmax || input.size(1) >= 2, op,
                     ": activation=\"softmax\" needs at least 2 channels (channel 0 is the "
                     "background class), got C = ",
@@ -93,53 +107,105 @@ void check_inputs(const at::Tensor& input, const at::Tensor& instances, int32_t 
 
 struct LabelRange {
   at::Tensor labels;     // what the kernels read: the instances, or compacted ids (int64)
-  at::Tensor label_ids;  // sorted distinct ids when compacted, else empty
+  at::Tensor label_ids;  // (B, C, K) sorted ids per plane when compacted, else (B, C, 0)
   int64_t K;             // table size
+  int64_t bound;         // ids must lie in [0, bound) (bound <= K)
 };
 
-// Labels the kernels may read: the instances, or for softmax all channels but 0 (whose target
+// Labels whose range matters: the instances, or for softmax all channels but 0 (whose target
 // is derived from the other channels and which is never read).
 at::Tensor read_labels(const at::Tensor& instances, int32_t activation) {
   return activation == kSoftmax ? instances.narrow(1, 1, instances.size(1) - 1) : instances;
 }
 
+// Whether a caller-bounded table of max_label + 1 entries per plane stays dense: always below
+// dense_label_limit, and above it while stats and coefficients fit kDenseTableBudget. Written
+// so that no int64 overflows (max_label may be 2^63 - 1). Mirrored by blobbench/_ops.py.
+bool dense_for_bound(int64_t max_label, int64_t planes, int64_t voxels_per_plane) {
+  if (max_label < dense_label_limit(voxels_per_plane)) return true;
+  const int64_t per_label = planes * (kNumStats + kNumCoef) * int64_t(sizeof(double));
+  return max_label < kDenseTableBudget / per_label;
+}
+
+// The compaction's input, (B*C, V): the instances, with softmax's channel 0 (never read) zeroed
+// so that it neither widens the table nor trips the range checks.
+at::Tensor compaction_source(const at::Tensor& instances, int32_t activation) {
+  const int64_t B = instances.size(0), C = instances.size(1);
+  at::Tensor src = instances.reshape({B, C, -1});
+  if (activation == kSoftmax) {
+    src = src.clone();
+    src.select(1, 0).zero_();
+  }
+  return src.reshape({B * C, -1});
+}
+
+// Sparse, large ids (e.g. a crop of a volume labelled as a whole): a dense table would be
+// larger than the data, so each (b, c) plane's ids are mapped to 0..U-1 with a sort (0 is
+// always in the table, at index 0). Costs a sort and one device-to-host sync; the backward
+// repeats only a binary search per voxel.
+LabelRange compact_labels(const at::Tensor& instances, int32_t activation, int64_t max_label,
+                          const char* op) {
+  const int64_t B = instances.size(0), C = instances.size(1), P = B * C;
+  at::Tensor src = compaction_source(instances, activation);  // (P, V)
+  const int64_t V = src.size(1);
+  at::Tensor sorted = std::get<0>(at::cat({at::zeros({P, 1}, src.options()), src}, 1).sort(1));
+  at::Tensor is_new = at::ones_like(sorted, sorted.options().dtype(at::kBool));
+  is_new.narrow(1, 1, V).copy_(sorted.narrow(1, 1, V).ne(sorted.narrow(1, 0, V)));
+  at::Tensor rank = is_new.cumsum(1, at::kLong).sub_(1);  // (P, V + 1)
+  // The one sync: smallest id, largest id, largest number of distinct ids in a plane.
+  at::Tensor summary = at::stack({sorted.select(1, 0).min().to(at::kLong),
+                                  sorted.select(1, V).max().to(at::kLong),
+                                  rank.select(1, V).max()})
+                           .cpu();
+  const int64_t lo = summary[0].item<int64_t>(), hi = summary[1].item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
+  TORCH_CHECK_VALUE(max_label < 0 || hi <= max_label, op, ": `instances` holds id ", num(hi),
+                    " above max_label = ", num(max_label));
+  const int64_t K = std::max<int64_t>(summary[2].item<int64_t>() + 1, 2);
+  // Each plane's row: its distinct ids in order, padded with its largest id (searchsorted then
+  // still returns the first, true, index of that id).
+  at::Tensor ids = sorted.select(1, V).unsqueeze(1).expand({P, K}).contiguous();
+  at::Tensor offsets = at::arange(P, rank.options()).mul_(K).unsqueeze(1);
+  ids.view({-1}).index_put_({rank.add(offsets).masked_select(is_new)}, sorted.masked_select(is_new));
+  LabelRange r;
+  r.labels = at::searchsorted(ids, src).view({B, C, V});
+  r.label_ids = ids.view({B, C, K});
+  r.K = K;
+  r.bound = K;
+  return r;
+}
+
 LabelRange resolve_labels(const at::Tensor& instances, int32_t activation, int64_t max_label,
                           const char* op) {
-  const int64_t V = instances.numel() / (instances.size(0) * instances.size(1));
-  const int64_t limit = dense_label_limit(V);
+  const int64_t B = instances.size(0), C = instances.size(1);
+  const int64_t V = instances.numel() / (B * C);
+  const bool softmax = activation == kSoftmax;
   LabelRange r;
-  int64_t max_id = max_label;
-  if (max_label < 0) {
-    // One reduction and one device-to-host sync; max_label skips both.
-    auto mm = at::aminmax(read_labels(instances, activation));
-    const int64_t lo = std::get<0>(mm).item<int64_t>();
-    max_id = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
+  if (max_label >= 0) {
+    if (dense_for_bound(max_label, B * C, V)) {
+      // No sync. The CPU raises on an id outside [0, max_label]; CUDA makes the loss NaN.
+      r.labels = instances;
+      r.label_ids = at::empty({B, C, 0}, instances.options());
+      r.bound = max_label + 1;
+      // softmax stores its derived background in label 1 of channel 0
+      r.K = softmax ? std::max<int64_t>(r.bound, 2) : r.bound;
+      return r;
+    }
+    return compact_labels(instances, activation, max_label, op);
   }
-  if (max_id + 1 <= limit) {
+  // One reduction and one device-to-host sync; max_label skips both.
+  auto mm = at::aminmax(read_labels(instances, activation));
+  at::Tensor both = at::stack({std::get<0>(mm).to(at::kLong), std::get<1>(mm).to(at::kLong)}).cpu();
+  const int64_t lo = both[0].item<int64_t>(), max_id = both[1].item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
+  if (max_id < dense_label_limit(V)) {
     r.labels = instances;
-    r.label_ids = at::empty({0}, instances.options());
-    r.K = std::max<int64_t>(max_id + 1, 2);  // softmax stores its derived background in label 1
+    r.label_ids = at::empty({B, C, 0}, instances.options());
+    r.K = std::max<int64_t>(max_id + 1, 2);
+    r.bound = r.K;
     return r;
   }
-  // Sparse, large ids (e.g. a crop of a volume labelled as a whole): a dense table would be
-  // larger than the data, so map the ids to 0..U-1 with a sort. 0 stays 0 (it is always in the
-  // table). Costs a sort and a sync; the backward repeats only a binary search.
-  auto lab = read_labels(instances, activation);
-  auto ids = std::get<0>(at::_unique2(
-      at::cat({at::zeros({1}, lab.options()), lab.reshape({-1})}), /*sorted=*/true,
-      /*return_inverse=*/false, /*return_counts=*/false));
-  const int64_t lo = ids[0].item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
-  if (max_label >= 0) {
-    const int64_t hi = ids[-1].item<int64_t>();
-    TORCH_CHECK_VALUE(hi <= max_label, op, ": `instances` holds id ", num(hi), " above max_label = ",
-                      num(max_label));
-  }
-  r.label_ids = ids;
-  r.labels = at::searchsorted(ids, instances.contiguous());
-  r.K = std::max<int64_t>(ids.numel(), 2);
-  return r;
+  return compact_labels(instances, activation, -1, op);
 }
 
 LossParams make_params(int32_t kind, double alpha, double beta, const std::string& activation,
@@ -163,13 +229,21 @@ at::Tensor as_planes(const at::Tensor& t) {
   return t.contiguous().view({t.size(0), t.size(1), -1});
 }
 
+// What a loss of this input is returned as: float32 for half inputs (the sums are accumulated in
+// float32 or wider, and MONAI's losses under autocast return float32), else input's dtype.
+at::ScalarType loss_dtype(at::ScalarType input) {
+  return input == at::kHalf || input == at::kBFloat16 ? at::kFloat : input;
+}
+
 }  // namespace
 
 void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const LossParams& prm,
                    double* loss, double* coef) {
   const int64_t P = B * C;
+  // Small tables are finalised inline: a thread-pool round trip costs more than the work.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(K, 1));
   std::vector<PlaneResult> pr(P);
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const double* st = stats + i * K * kNumStats;
       PlaneResult& r = pr[i];
@@ -188,7 +262,7 @@ void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const L
   std::vector<double> w_blob(P);
   double w_global = 0.0;
   *loss = combine_planes(pr.data(), B, C, prm, w_blob.data(), &w_global);
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const double* st = stats + i * K * kNumStats;
       for (int64_t k = 0; k < K; ++k) {
@@ -199,13 +273,14 @@ void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const L
   });
 }
 
+
 namespace {
 
 // The one pass shared by the losses and label_stats: checks, label range, per-label sums.
 struct Accumulated {
   at::Tensor stats;      // (B, C, K, 3) float64
-  at::Tensor invalid;    // int32 scalar on the device: an id outside [0, K) was met (CUDA)
-  at::Tensor label_ids;  // compacted ids, or empty
+  at::Tensor invalid;    // int32 scalar on the device (CUDA): an id outside [0, max_label] met
+  at::Tensor label_ids;  // compacted ids (B, C, K), or (B, C, 0)
 };
 
 Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& input,
@@ -214,94 +289,82 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   check_inputs(input, instances, prm.activation, max_label, op);
   LabelRange range = resolve_labels(instances, prm.activation, max_label, op);
   Accumulated a;
-  a.stats = at::zeros({input.size(0), input.size(1), range.K, kNumStats},
+  a.stats = at::empty({input.size(0), input.size(1), range.K, kNumStats},
                       input.options().dtype(at::kDouble));
-  a.invalid = at::zeros({}, input.options().dtype(at::kInt));
-  kernels.accumulate(as_planes(input), as_planes(range.labels), prm, range.K, a.stats, a.invalid);
+  if (kernels.uses_invalid_flag) a.invalid = at::zeros({}, input.options().dtype(at::kInt));
+  const bool ok = kernels.accumulate(as_planes(input), as_planes(range.labels), prm, range.K,
+                                     range.bound, a.stats, a.invalid, op);
+  TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
+                    num(range.bound - 1), "), or a negative id");
   a.label_ids = range.label_ids;
   return a;
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(
     const DeviceKernels& kernels, const at::Tensor& input, const at::Tensor& instances,
     const LossParams& prm, int64_t max_label, const char* op) {
   Accumulated a = accumulate_stats(kernels, input, instances, prm, max_label, op);
-  auto f64 = input.options().dtype(at::kDouble);
-  auto loss = at::empty({}, f64);
-  auto coef = at::empty({input.size(0), input.size(1), a.stats.size(2), kNumCoef}, f64);
-  kernels.finalize(a.stats, a.invalid, prm, loss, coef);
-  return {loss.to(input.scalar_type()), coef, a.label_ids};
+  auto loss = at::empty({}, input.options().dtype(loss_dtype(input.scalar_type())));
+  auto coef = at::empty({input.size(0), input.size(1), a.stats.size(2), kNumCoef},
+                        input.options().dtype(at::kDouble));
+  kernels.finalize(a.stats, a.invalid, prm, loss, coef, op);
+  return {loss, coef, a.label_ids};
+}
+
+// Validates every argument of a backward op (they can be called directly, e.g. by opcheck).
+void check_backward_args(const at::Tensor& grad, const at::Tensor& input,
+                         const at::Tensor& instances, const at::Tensor& coef,
+                         const at::Tensor& label_ids, const char* op) {
+  check_tensors(input, instances, op);
+  TORCH_CHECK_VALUE(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()), op,
+                    ": `grad` must be a floating scalar (the gradient of the loss), got shape ",
+                    shape(grad.sizes()), " ", c10::toString(grad.scalar_type()));
+  TORCH_CHECK_VALUE(coef.dim() == 4 && coef.size(0) == input.size(0) &&
+                        coef.size(1) == input.size(1) && coef.size(2) >= 1 &&
+                        coef.size(3) == kNumCoef && coef.scalar_type() == at::kDouble,
+                    op, ": `coef` must be the (B, C, K, 2) float64 table of the forward op, got ",
+                    shape(coef.sizes()), " ", c10::toString(coef.scalar_type()));
+  TORCH_CHECK_VALUE(label_ids.dim() == 3 && label_ids.size(0) == input.size(0) &&
+                        label_ids.size(1) == input.size(1) &&
+                        (label_ids.size(2) == 0 || label_ids.size(2) == coef.size(2)) &&
+                        label_ids.scalar_type() == instances.scalar_type(),
+                    op, ": `label_ids` must be the (B, C, K) or (B, C, 0) ids of the forward op, of "
+                    "`instances`' dtype, got ", shape(label_ids.sizes()), " ",
+                    c10::toString(label_ids.scalar_type()));
+  for (const at::Tensor* t : {&grad, &coef, &label_ids}) {
+    TORCH_CHECK_VALUE(t->device() == input.device(), op,
+                      ": `grad`, `coef` and `label_ids` must be on `input`'s device (",
+                      input.device().str(), "), got ", t->device().str());
+  }
 }
 
 at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_out,
                          const at::Tensor& input, const at::Tensor& instances,
                          const at::Tensor& coef, const at::Tensor& label_ids,
                          const LossParams& prm, const char* op) {
-  TORCH_CHECK_VALUE(coef.dim() == 4 && coef.size(0) == input.size(0) &&
-                        coef.size(1) == input.size(1) && coef.size(3) == kNumCoef &&
-                        coef.scalar_type() == at::kDouble,
-                    op, ": `coef` must be the (B, C, K, 2) float64 table of the forward op, got ",
-                    shape(coef.sizes()), " ", coef.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.numel() == 1, op, ": `grad` must be a scalar, got shape ",
-                    shape(grad_out.sizes()));
-  at::Tensor labels =
-      label_ids.numel() > 0 ? at::searchsorted(label_ids, instances.contiguous()) : instances;
+  check_backward_args(grad_out, input, instances, coef, label_ids, op);
+  at::Tensor labels = instances;
+  if (label_ids.size(2) > 0) {
+    const int64_t B = input.size(0), C = input.size(1), K = label_ids.size(2);
+    labels = at::searchsorted(label_ids.reshape({B * C, K}),
+                              compaction_source(instances, prm.activation))
+                 .view({B, C, -1});
+  }
   auto x = as_planes(input);
   auto lab = as_planes(labels);
   auto grad_input = at::empty_like(x);
-  kernels.backward(grad_out.reshape({}).to(at::kDouble), x, lab, coef.contiguous(), prm,
-                   grad_input);
+  // grad_out as given (any floating dtype, one element): each device reads it in double.
+  const bool ok = kernels.backward(grad_out, x, lab, coef.contiguous(), prm, grad_input, op);
+  TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside the coefficient table [0, ",
+                    num(coef.size(2) - 1), "]");
   return grad_input.view(input.sizes());
-}
-
-// ---- the dispatcher-facing functions ------------------------------------------------------
-
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_dice_forward(
-    const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
-    c10::string_view activation, c10::string_view masking, bool squared_pred, double smooth_nr,
-    double smooth_dr, int64_t max_label) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("blob::dice_forward", "")
-                       .typed<decltype(call_dice_forward)>();
-  return op.call(input, instances, alpha, beta, activation, masking, squared_pred, smooth_nr,
-                 smooth_dr, max_label);
-}
-
-at::Tensor dice_composite(const at::Tensor& input, const at::Tensor& instances, double alpha,
-                          double beta, c10::string_view activation, c10::string_view masking,
-                          bool squared_pred, double smooth_nr, double smooth_dr,
-                          int64_t max_label) {
-  return std::get<0>(call_dice_forward(input, instances, alpha, beta, activation, masking,
-                                       squared_pred, smooth_nr, smooth_dr, max_label));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_tversky_forward(
-    const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
-    c10::string_view activation, c10::string_view masking, double fp_weight, double fn_weight,
-    double smooth_nr, double smooth_dr, int64_t max_label) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("blob::tversky_forward", "")
-                       .typed<decltype(call_tversky_forward)>();
-  return op.call(input, instances, alpha, beta, activation, masking, fp_weight, fn_weight,
-                 smooth_nr, smooth_dr, max_label);
-}
-
-at::Tensor tversky_composite(const at::Tensor& input, const at::Tensor& instances, double alpha,
-                             double beta, c10::string_view activation, c10::string_view masking,
-                             double fp_weight, double fn_weight, double smooth_nr,
-                             double smooth_dr, int64_t max_label) {
-  return std::get<0>(call_tversky_forward(input, instances, alpha, beta, activation, masking,
-                                          fp_weight, fn_weight, smooth_nr, smooth_dr, max_label));
 }
 
 }  // namespace
 
-// Device registrations call these with their kernels.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_forward_with(
+// ---- what the device registrations call ---------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_forward(
     const DeviceKernels& k, const at::Tensor& input, const at::Tensor& instances, double alpha,
     double beta, c10::string_view activation, c10::string_view masking, bool squared_pred,
     double smooth_nr, double smooth_dr, int64_t max_label) {
@@ -311,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_forward_with(
   return loss_forward(k, input, instances, prm, max_label, op);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward_with(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward(
     const DeviceKernels& k, const at::Tensor& input, const at::Tensor& instances, double alpha,
     double beta, c10::string_view activation, c10::string_view masking, double fp_weight,
     double fn_weight, double smooth_nr, double smooth_dr, int64_t max_label) {
@@ -321,11 +384,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward_with(
   return loss_forward(k, input, instances, prm, max_label, op);
 }
 
-at::Tensor backward_with(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,
+at::Tensor dice_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,
                          const at::Tensor& instances, const at::Tensor& coef,
                          const at::Tensor& label_ids, c10::string_view activation,
                          bool squared_pred) {
-  const char* op = "blob.dice_backward";
+  const char* op = "blob.dice (backward)";
   LossParams prm{};
   prm.kind = kDice;
   prm.activation = parse_activation(std::string(activation), op);
@@ -333,10 +396,22 @@ at::Tensor backward_with(const DeviceKernels& k, const at::Tensor& grad, const a
   return loss_backward(k, grad, input, instances, coef, label_ids, prm, op);
 }
 
-std::tuple<at::Tensor, at::Tensor> label_stats_with(const DeviceKernels& k, const at::Tensor& input,
-                                                    const at::Tensor& instances,
-                                                    c10::string_view activation,
-                                                    bool squared_pred, int64_t max_label) {
+at::Tensor tversky_backward(const DeviceKernels& k, const at::Tensor& grad,
+                            const at::Tensor& input, const at::Tensor& instances,
+                            const at::Tensor& coef, const at::Tensor& label_ids,
+                            c10::string_view activation) {
+  const char* op = "blob.tversky (backward)";
+  LossParams prm{};
+  prm.kind = kTversky;
+  prm.activation = parse_activation(std::string(activation), op);
+  prm.squared_pred = false;
+  return loss_backward(k, grad, input, instances, coef, label_ids, prm, op);
+}
+
+std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at::Tensor& input,
+                                               const at::Tensor& instances,
+                                               c10::string_view activation, bool squared_pred,
+                                               int64_t max_label) {
   const char* op = "blob.label_stats";
   // The sums do not depend on the loss kind, weights or masking: Dice parameters with the
   // default masking select the accumulation (activation, squared_pred).
@@ -344,42 +419,41 @@ std::tuple<at::Tensor, at::Tensor> label_stats_with(const DeviceKernels& k, cons
                          0.0, 0.0, 0.0, op);
   Accumulated a = accumulate_stats(k, input, instances, prm, max_label, op);
   // An id above max_label on CUDA (no sync to raise): make the result unmistakable, as the loss.
-  a.stats.masked_fill_(a.invalid.ne(0), std::numeric_limits<double>::quiet_NaN());
+  if (a.invalid.defined()) {
+    a.stats.masked_fill_(a.invalid.ne(0), std::numeric_limits<double>::quiet_NaN());
+  }
   return {a.stats, a.label_ids};
 }
 
 TORCH_LIBRARY(blob, m) {
+  // Public operators.
   m.def(
       "dice(Tensor input, Tensor instances, float alpha=2.0, float beta=1.0, *, "
       "str activation=\"sigmoid\", str masking=\"paper\", bool squared_pred=False, "
       "float smooth_nr=1e-5, float smooth_dr=1e-5, int max_label=-1) -> Tensor");
-  m.def(
-      "dice_forward(Tensor input, Tensor instances, float alpha, float beta, str activation, "
-      "str masking, bool squared_pred, float smooth_nr, float smooth_dr, int max_label) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "dice_backward(Tensor grad, Tensor input, Tensor instances, Tensor coef, Tensor label_ids, "
-      "str activation, bool squared_pred) -> Tensor");
   m.def(
       "tversky(Tensor input, Tensor instances, float alpha=2.0, float beta=1.0, *, "
       "str activation=\"sigmoid\", str masking=\"paper\", float fp_weight=0.3, "
       "float fn_weight=0.7, float smooth_nr=1e-5, float smooth_dr=1e-5, int max_label=-1) "
       "-> Tensor");
   m.def(
-      "tversky_forward(Tensor input, Tensor instances, float alpha, float beta, str activation, "
+      "label_stats(Tensor input, Tensor instances, *, str activation=\"sigmoid\", "
+      "bool squared_pred=False, int max_label=-1) -> (Tensor, Tensor)");
+  // Private operators: the losses' forward with what the backward needs, and the backward.
+  m.def(
+      "_dice_forward(Tensor input, Tensor instances, float alpha, float beta, str activation, "
+      "str masking, bool squared_pred, float smooth_nr, float smooth_dr, int max_label) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_dice_backward(Tensor grad, Tensor input, Tensor instances, Tensor coef, Tensor label_ids, "
+      "str activation, bool squared_pred) -> Tensor");
+  m.def(
+      "_tversky_forward(Tensor input, Tensor instances, float alpha, float beta, str activation, "
       "str masking, float fp_weight, float fn_weight, float smooth_nr, float smooth_dr, "
       "int max_label) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "tversky_backward(Tensor grad, Tensor input, Tensor instances, Tensor coef, "
+      "_tversky_backward(Tensor grad, Tensor input, Tensor instances, Tensor coef, "
       "Tensor label_ids, str activation) -> Tensor");
-  m.def(
-      "label_stats(Tensor input, Tensor instances, *, str activation=\"sigmoid\", "
-      "bool squared_pred=False, int max_label=-1) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(blob, CompositeImplicitAutograd, m) {
-  m.impl("dice", &dice_composite);
-  m.impl("tversky", &tversky_composite);
 }
 
 }  // namespace blob

@@ -1,3 +1,11 @@
+import os
+import tempfile
+
+# A fresh inductor cache per test session: torch keys its compiled-graph cache on the traced
+# graph and torch's version, not on this extension's build, so a cache left by an older build
+# (whose private ops had other names) would be replayed against the new library.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="blobbench-inductor-"))
+
 import pytest
 import torch
 

@@ -72,15 +72,41 @@ def test_device_matches_cpu_and_naive_loop(device, seed):
 
 @devices
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-def test_half_inputs_accumulate_in_float32(device, dtype, tol):
+@pytest.mark.parametrize("loss_fn", [blob_dice, blob_tversky])
+def test_half_inputs_give_a_float32_loss(device, dtype, tol, loss_fn):
+    # The sums are accumulated in float32 or wider, so the loss is returned in float32 (as
+    # MONAI's losses under autocast) and is as exact as float32 on the same half values; the
+    # gradient keeps the input's dtype.
     rng = np.random.default_rng(5)
     instances = random_instances(rng, (2, 1, 8, 24, 24), 6, empty_prob=0.0)
     x = (torch.randn(instances.shape, generator=torch.Generator().manual_seed(5)) * 2).to(dtype)
-    want_loss, want_grad = _oracle(x.double(), instances, 2.0, 1.0, {})
-    loss, grad = loss_and_grad(blob_dice, x.to(device), instances.to(device))
-    assert loss.dtype == dtype and grad.dtype == dtype
-    assert rel_err(loss, want_loss) <= tol
+    oracle = naive_blob_dice if loss_fn is blob_dice else naive_blob_tversky
+    want_loss, want_grad = loss_and_grad(oracle, x.double(), instances, 2.0, 1.0)
+    loss, grad = loss_and_grad(loss_fn, x.to(device), instances.to(device))
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert rel_err(loss, want_loss) <= TOL[torch.float32][0]
     assert rel_err(grad, want_grad) <= 2 * tol
+
+
+@devices
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_gives_a_float32_loss_and_input_dtype_gradient(device, dtype):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("CPU autocast runs convolutions in bfloat16")
+    rng = np.random.default_rng(6)
+    instances = random_instances(rng, (2, 1, 6, 16, 16), 5, empty_prob=0.0).to(device)
+    conv = torch.nn.Conv3d(1, 1, 3, padding=1).to(device)
+    image = torch.randn(instances.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    with torch.autocast(device_type=device, dtype=dtype):
+        logits = conv(image)
+        loss = blob_dice(logits, instances)
+    assert logits.dtype == dtype and loss.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad.dtype == dtype
+    want_loss, want_grad = loss_and_grad(naive_blob_dice, logits.detach().double(),
+                                         instances.cpu(), 2.0, 1.0)
+    assert rel_err(loss.cpu(), want_loss) <= TOL[torch.float32][0]
+    assert rel_err(grad.cpu(), want_grad) <= 2e-2
 
 
 @devices
@@ -165,21 +191,30 @@ def test_opcheck(device):
         inst = instances.to(device)
         fwd_args = (x, inst, alpha, beta, options["activation"], options["masking"],
                     options["squared_pred"], options["smooth_nr"], options["smooth_dr"])
+        tv_opts = {k: v for k, v in options.items() if k != "squared_pred"}
         for max_label in (-1, int(instances.max()) + 3):
-            torch.library.opcheck(torch.ops.blob.dice_forward.default, fwd_args + (max_label,))
+            torch.library.opcheck(torch.ops.blob._dice_forward.default, fwd_args + (max_label,))
             torch.library.opcheck(torch.ops.blob.dice.default, (x, inst, alpha, beta),
                                   dict(options, max_label=max_label))
-        _, coef, ids = torch.ops.blob.dice_forward(*fwd_args, -1)
+            torch.library.opcheck(torch.ops.blob.tversky.default, (x, inst, alpha, beta),
+                                  dict(tv_opts, max_label=max_label))
+            torch.library.opcheck(torch.ops.blob.label_stats.default, (x.detach(), inst),
+                                  dict(activation=options["activation"], max_label=max_label))
+        _, coef, ids = torch.ops.blob._dice_forward(*fwd_args, -1)
         grad = torch.tensor(1.5, device=device)
-        torch.library.opcheck(torch.ops.blob.dice_backward.default,
+        # The backward ops are not differentiable (their own backward raises, see
+        # test_edge_cases.py), so the AOT check, which differentiates them, is left out.
+        no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
+        torch.library.opcheck(torch.ops.blob._dice_backward.default,
                               (grad, x.detach(), inst, coef, ids, options["activation"],
-                               options["squared_pred"]))
+                               options["squared_pred"]), test_utils=no_aot)
         tv_args = (x, inst, alpha, beta, options["activation"], options["masking"], 0.3, 0.7,
                    options["smooth_nr"], options["smooth_dr"], -1)
-        torch.library.opcheck(torch.ops.blob.tversky_forward.default, tv_args)
-        _, tv_coef, tv_ids = torch.ops.blob.tversky_forward(*tv_args)
-        torch.library.opcheck(torch.ops.blob.tversky_backward.default,
-                              (grad, x.detach(), inst, tv_coef, tv_ids, options["activation"]))
+        torch.library.opcheck(torch.ops.blob._tversky_forward.default, tv_args)
+        _, tv_coef, tv_ids = torch.ops.blob._tversky_forward(*tv_args)
+        torch.library.opcheck(torch.ops.blob._tversky_backward.default,
+                              (grad, x.detach(), inst, tv_coef, tv_ids, options["activation"]),
+                              test_utils=no_aot)
 
 
 @devices
@@ -196,9 +231,12 @@ def test_torch_compile_fullgraph_equals_eager(device, max_label, loss):
     eager = loss_and_grad(module, x, instances)
     comp = loss_and_grad(compiled, x, instances)
     assert rel_err(comp[0], eager[0]) <= 1e-6 and rel_err(comp[1], eager[1]) <= 1e-6
-    if max_label is not None:  # the composite op itself compiles when the range is static
-        composite = torch.ops.blob.dice if loss == "dice" else torch.ops.blob.tversky
-        op = torch.compile(lambda t, i: composite(t, i, max_label=max_label), fullgraph=True)
+    if max_label is not None:
+        # The public operator itself (C++ autograd) compiles when the label range is static.
+        # Without max_label its table's size is data-dependent and hidden from Dynamo: the
+        # losses above route through the private forward op then (docs/design.md).
+        public = torch.ops.blob.dice if loss == "dice" else torch.ops.blob.tversky
+        op = torch.compile(lambda t, i: public(t, i, max_label=max_label), fullgraph=True)
         comp = loss_and_grad(op, x, instances)
         assert rel_err(comp[0], eager[0]) <= 1e-6 and rel_err(comp[1], eager[1]) <= 1e-6
 

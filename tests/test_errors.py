@@ -82,12 +82,14 @@ def test_module_validates_options_at_construction(kwargs, match):
 
 def test_backward_op_checks_its_table():
     x, lab = _inputs()
-    with pytest.raises(ValueError, match=r"`coef` must be the \(B, C, K, 2\) float64 table"):
-        torch.ops.blob.dice_backward(torch.tensor(1.0), x, lab, torch.zeros(2, 1, 3), lab.new_empty(0), "sigmoid", False)
+    with pytest.raises(ValueError, match=r"blob.dice \(backward\): `coef` must be the \(B, C, K, 2\) float64 table"):
+        torch.ops.blob._dice_backward(torch.tensor(1.0), x, lab, torch.zeros(2, 1, 3),
+                                      lab.new_empty(2, 1, 0), "sigmoid", False)
     coef = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
     lab[0, 0, 0, 0, 0] = 7
     with pytest.raises(ValueError, match=r"outside the coefficient table"):
-        torch.ops.blob.dice_backward(torch.tensor(1.0), x, lab, coef, lab.new_empty(0), "sigmoid", False)
+        torch.ops.blob._dice_backward(torch.tensor(1.0), x, lab, coef, lab.new_empty(2, 1, 0),
+                                      "sigmoid", False)
 
 
 @devices

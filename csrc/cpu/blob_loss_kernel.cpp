@@ -4,12 +4,17 @@
 // the activation of a block is computed in a loop the compiler vectorises, and because label
 // maps are spatially coherent and mostly background, most blocks hold a single label: their
 // sums go to that label's accumulator in one step. Mixed blocks fall back to run aggregation
-// (flush on label change). Each worker owns a private table over the planes it touches, in
-// double; the tables are merged in a fixed order, so results are the same bits run to run for
-// a given number of threads.
+// (flush on label change). With many planes each worker owns whole planes and sums into their
+// rows of the output in place; a few large planes are split into a fixed number of parts with
+// private double tables (bounded scratch), merged in part order. Results are the same bits run
+// to run for a given number of threads.
 //
 // Backward: one pass, grad = grad_out * (a[l] + b[l] * dpow(p)) * act'(x), with the (a, b)
 // table the finalisation computed from the forward sums (blob_loss_math.h).
+//
+// Registered for the CPU key at the bottom of this file: the public ops (dice, tversky,
+// label_stats; their autograd is in ../autograd/blob_autograd.cpp) and the private forward and
+// backward ops.
 //
 // The bodies live in kernels_impl.h, compiled here twice: for the baseline ISA and, with GCC on
 // x86-64, for AVX2 + FMA; use_avx2() picks one at run time.
@@ -61,43 +66,124 @@ bool use_avx2() {
 #endif
 }
 
-void accumulate_cpu(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
-                    int64_t K, at::Tensor& stats, at::Tensor& /*invalid*/) {
+bool accumulate_cpu(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
+                    int64_t K, int64_t bound, at::Tensor& stats, const at::Tensor& /*invalid*/,
+                    const char* /*op*/) {
+  bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "blob_accumulate", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_V2(labels.scalar_type(), "blob_accumulate_labels", AT_WRAP([&] {
 #ifdef BLOB_CPU_MULTIVERSION
-      if (use_avx2()) return avx2::accumulate_typed<in_t, scalar_t>(input, labels, prm, K, stats);
+      if (use_avx2()) {
+        ok = avx2::accumulate_typed<in_t, scalar_t>(input, labels, prm, K, bound, stats);
+        return;
+      }
 #endif
-      base::accumulate_typed<in_t, scalar_t>(input, labels, prm, K, stats);
+      ok = base::accumulate_typed<in_t, scalar_t>(input, labels, prm, K, bound, stats);
     }), at::kByte, at::kShort, at::kInt, at::kLong);
   });
+  return ok;
 }
 
 void finalize_cpu(const at::Tensor& stats, const at::Tensor& /*invalid*/, const LossParams& prm,
-                  at::Tensor& loss, at::Tensor& coef) {
+                  at::Tensor& loss, at::Tensor& coef, const char* /*op*/) {
+  double value = 0.0;
   finalize_host(stats.data_ptr<double>(), stats.size(0), stats.size(1), stats.size(2), prm,
-                loss.data_ptr<double>(), coef.data_ptr<double>());
+                &value, coef.data_ptr<double>());
+  if (loss.scalar_type() == at::kDouble) {
+    *loss.data_ptr<double>() = value;
+  } else {
+    *loss.data_ptr<float>() = static_cast<float>(value);
+  }
 }
 
-void backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& labels,
-                  const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input) {
+bool backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& labels,
+                  const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input,
+                  const char* /*op*/) {
   const double go = grad_out.item<double>();
+  bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "blob_backward", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_V2(labels.scalar_type(), "blob_backward_labels", AT_WRAP([&] {
 #ifdef BLOB_CPU_MULTIVERSION
-      if (use_avx2()) return avx2::backward_typed<in_t, scalar_t>(go, input, labels, coef, prm, grad_input);
+      if (use_avx2()) {
+        ok = avx2::backward_typed<in_t, scalar_t>(go, input, labels, coef, prm, grad_input);
+        return;
+      }
 #endif
-      base::backward_typed<in_t, scalar_t>(go, input, labels, coef, prm, grad_input);
+      ok = base::backward_typed<in_t, scalar_t>(go, input, labels, coef, prm, grad_input);
     }), at::kByte, at::kShort, at::kInt, at::kLong);
   });
+  return ok;
 }
 
-const DeviceKernels kCpuKernels{&accumulate_cpu, &finalize_cpu, &backward_cpu};
+const DeviceKernels kCpuKernels{&accumulate_cpu, &finalize_cpu, &backward_cpu,
+                                /*uses_invalid_flag=*/false};
+
+// ---- the CPU registrations ------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_forward_cpu(
+    const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
+    c10::string_view activation, c10::string_view masking, bool squared_pred, double smooth_nr,
+    double smooth_dr, int64_t max_label) {
+  return dice_forward(kCpuKernels, input, instances, alpha, beta, activation, masking,
+                      squared_pred, smooth_nr, smooth_dr, max_label);
+}
+
+at::Tensor dice_cpu(const at::Tensor& input, const at::Tensor& instances, double alpha,
+                    double beta, c10::string_view activation, c10::string_view masking,
+                    bool squared_pred, double smooth_nr, double smooth_dr, int64_t max_label) {
+  return std::get<0>(dice_forward_cpu(input, instances, alpha, beta, activation, masking,
+                                      squared_pred, smooth_nr, smooth_dr, max_label));
+}
+
+at::Tensor dice_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                             const at::Tensor& instances, const at::Tensor& coef,
+                             const at::Tensor& label_ids, c10::string_view activation,
+                             bool squared_pred) {
+  return dice_backward(kCpuKernels, grad, input, instances, coef, label_ids, activation,
+                       squared_pred);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward_cpu(
+    const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
+    c10::string_view activation, c10::string_view masking, double fp_weight, double fn_weight,
+    double smooth_nr, double smooth_dr, int64_t max_label) {
+  return tversky_forward(kCpuKernels, input, instances, alpha, beta, activation, masking,
+                         fp_weight, fn_weight, smooth_nr, smooth_dr, max_label);
+}
+
+at::Tensor tversky_cpu(const at::Tensor& input, const at::Tensor& instances, double alpha,
+                       double beta, c10::string_view activation, c10::string_view masking,
+                       double fp_weight, double fn_weight, double smooth_nr, double smooth_dr,
+                       int64_t max_label) {
+  return std::get<0>(tversky_forward_cpu(input, instances, alpha, beta, activation, masking,
+                                         fp_weight, fn_weight, smooth_nr, smooth_dr, max_label));
+}
+
+at::Tensor tversky_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                const at::Tensor& instances, const at::Tensor& coef,
+                                const at::Tensor& label_ids, c10::string_view activation) {
+  return tversky_backward(kCpuKernels, grad, input, instances, coef, label_ids, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor> label_stats_cpu(const at::Tensor& input,
+                                                   const at::Tensor& instances,
+                                                   c10::string_view activation,
+                                                   bool squared_pred, int64_t max_label) {
+  return label_stats(kCpuKernels, input, instances, activation, squared_pred, max_label);
+}
 
 }  // namespace
 
-BLOB_REGISTER_DEVICE(CPU, kCpuKernels)
+TORCH_LIBRARY_IMPL(blob, CPU, m) {
+  m.impl("dice", &dice_cpu);
+  m.impl("tversky", &tversky_cpu);
+  m.impl("label_stats", &label_stats_cpu);
+  m.impl("_dice_forward", &dice_forward_cpu);
+  m.impl("_dice_backward", &dice_backward_cpu);
+  m.impl("_tversky_forward", &tversky_forward_cpu);
+  m.impl("_tversky_backward", &tversky_backward_cpu);
+}
 
 }  // namespace blob

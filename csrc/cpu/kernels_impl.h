@@ -139,9 +139,51 @@ void for_each_part(int64_t units, int64_t parts, const Fn& fn) {
   });
 }
 
+// Scratch the accumulate pass may allocate for private tables, all workers together. Beyond it
+// fewer workers share a plane (down to one, which needs no scratch at all).
+constexpr int64_t kScratchBytes = int64_t(32) << 20;
+
+// Accumulates the voxels [v0, v1) of one row into `table` (the row's (C or 1) x K x 3 entries).
+// A row is one (b, c) plane, or for softmax one batch element with all its channels. Ids are
+// checked against `bound` (the caller's max_label + 1); softmax's derived channel-0 labels (0/1)
+// against K. Returns false on an id outside the range.
+template <typename scalar_t, typename label_t, typename acc_t>
+bool accumulate_span(const scalar_t* x, const label_t* lab, int64_t row, int64_t v0, int64_t v1,
+                     int64_t C, int64_t V, int64_t K, int64_t bound, bool softmax, bool squared,
+                     int32_t activation, acc_t* p, double* table) {
+  uint8_t derived[kBlock];
+  bool ok = true;
+  for (int64_t v = v0; v < v1;) {
+    const int64_t m = std::min(kBlock, v1 - v);
+    if (!softmax) {
+      const int64_t u = row * V + v;
+      activate_block(x + u, m, activation, p);
+      ok &= accumulate_block(p, lab + u, m, bound, squared, table);
+    } else {
+      const int64_t b = row;
+      softmax_block(x + b * C * V + v, V, C, m, p);
+      for (int64_t j = 0; j < m; ++j) derived[j] = 1;
+      for (int64_t c = 1; c < C; ++c) {
+        const label_t* lc = lab + (b * C + c) * V + v;
+        for (int64_t j = 0; j < m; ++j) derived[j] &= (lc[j] == 0);
+        ok &= accumulate_block(p + c * kBlock, lc, m, bound, squared, table + c * K * kNumStats);
+      }
+      // Channel 0 is the background class: its target is "no instance in any other channel".
+      ok &= accumulate_block(p, derived, m, K, squared, table);
+    }
+    v += m;
+  }
+  return ok;
+}
+
+// Writes every entry of stats (rows x (C or 1) x K x 3). Many rows: each worker owns whole rows
+// and accumulates into them in place (no scratch). Few, large rows: each row is split into a
+// fixed number of parts with private tables, merged in part order. Either way the order of the
+// additions does not depend on scheduling, so results are the same bits run to run for a given
+// number of threads; the scratch is bounded by kScratchBytes whatever K is.
 template <typename scalar_t, typename label_t>
-void accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
-                      int64_t K, at::Tensor& stats) {
+bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
+                      int64_t K, int64_t bound, at::Tensor& stats) {
   using acc_t = acc_type<scalar_t>;
   const int64_t B = input.size(0), C = input.size(1), V = input.size(2);
   const scalar_t* x = input.data_ptr<scalar_t>();
@@ -149,62 +191,51 @@ void accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
   double* out = stats.data_ptr<double>();
   const bool softmax = prm.activation == kSoftmax;
   const bool squared = uses_pow(prm);
-  // A unit is one voxel of one plane, or for softmax one position of one batch element.
-  const int64_t planes_per_unit_row = softmax ? C : 1;
-  const int64_t units = (softmax ? B : B * C) * V;
-  const int64_t parts =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units / kGrain));
-  std::vector<std::vector<double>> tables(parts);
-  std::vector<int64_t> first_plane(parts);
+  const int64_t rows = softmax ? B : B * C;
+  const int64_t row_entries = (softmax ? C : 1) * K * kNumStats;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t buf = (softmax ? C : 1) * kBlock;
   std::atomic<bool> bad{false};
 
-  for_each_part(units, parts, [&](int64_t part, int64_t begin, int64_t end) {
-    if (begin >= end) return;
-    const int64_t row0 = begin / V, row1 = (end - 1) / V;  // plane rows (softmax: batch rows)
-    const int64_t plane0 = row0 * planes_per_unit_row;
-    std::vector<double>& table = tables[part];
-    table.assign((row1 - row0 + 1) * planes_per_unit_row * K * kNumStats, 0.0);
-    first_plane[part] = plane0;
-    std::vector<acc_t> p((softmax ? C : 1) * kBlock);
-    uint8_t derived[kBlock];
-    bool ok = true;
-    for (int64_t u = begin; u < end;) {
-      const int64_t rowi = u / V, v = u % V;
-      const int64_t m = std::min({kBlock, V - v, end - u});
-      if (!softmax) {
-        activate_block(x + u, m, prm.activation, p.data());
-        double* row = table.data() + (rowi * planes_per_unit_row - plane0) * K * kNumStats;
-        ok &= accumulate_block(p.data(), lab + u, m, K, squared, row);
-      } else {
-        const int64_t b = rowi;
-        softmax_block(x + b * C * V + v, V, C, m, p.data());
-        for (int64_t j = 0; j < m; ++j) derived[j] = 1;
-        for (int64_t c = 1; c < C; ++c) {
-          const label_t* lc = lab + (b * C + c) * V + v;
-          for (int64_t j = 0; j < m; ++j) derived[j] &= (lc[j] == 0);
-          double* row = table.data() + (b * C + c - plane0) * K * kNumStats;
-          ok &= accumulate_block(p.data() + c * kBlock, lc, m, K, squared, row);
-        }
-        // Channel 0 is the background class: its target is "no instance in any other channel".
-        double* row0p = table.data() + (b * C - plane0) * K * kNumStats;
-        ok &= accumulate_block(p.data(), derived, m, K, squared, row0p);
+  int64_t parts = std::min<int64_t>(threads, V / kGrain);
+  parts = std::min<int64_t>(parts, kScratchBytes / (row_entries * int64_t(sizeof(double))));
+  if (rows >= threads || parts <= 1) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / V), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> p(buf);
+      bool ok = true;
+      for (int64_t r = r0; r < r1; ++r) {
+        double* table = out + r * row_entries;
+        std::fill(table, table + row_entries, 0.0);
+        ok &= accumulate_span(x, lab, r, 0, V, C, V, K, bound, softmax, squared, prm.activation,
+                              p.data(), table);
       }
-      u += m;
-    }
-    if (!ok) bad = true;
-  });
-  TORCH_CHECK_VALUE(!bad.load(), "blob loss: `instances` holds an id outside [0, max_label] (max_label = ",
-                    num(K - 1), "), or a negative id");
-  // Fixed-order merge.
-  for (int64_t part = 0; part < parts; ++part) {
-    const std::vector<double>& t = tables[part];
-    double* dst = out + first_plane[part] * K * kNumStats;
-    for (size_t i = 0; i < t.size(); ++i) dst[i] += t[i];
+      if (!ok) bad = true;
+    });
+    return !bad.load();
   }
+  std::vector<double> scratch(parts * row_entries);
+  for (int64_t r = 0; r < rows; ++r) {
+    for_each_part(V, parts, [&](int64_t part, int64_t v0, int64_t v1) {
+      std::vector<acc_t> p(buf);
+      double* table = scratch.data() + part * row_entries;
+      std::fill(table, table + row_entries, 0.0);
+      if (!accumulate_span(x, lab, r, v0, v1, C, V, K, bound, softmax, squared, prm.activation,
+                           p.data(), table)) {
+        bad = true;
+      }
+    });
+    double* dst = out + r * row_entries;
+    std::copy(scratch.data(), scratch.data() + row_entries, dst);
+    for (int64_t part = 1; part < parts; ++part) {
+      const double* t = scratch.data() + part * row_entries;
+      for (int64_t i = 0; i < row_entries; ++i) dst[i] += t[i];
+    }
+  }
+  return !bad.load();
 }
 
 template <typename scalar_t, typename label_t>
-void backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& labels,
+bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& labels,
                     const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input) {
   using acc_t = acc_type<scalar_t>;
   const int64_t B = input.size(0), C = input.size(1), V = input.size(2);
@@ -287,7 +318,6 @@ void backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
     }
     if (!ok) bad = true;
   });
-  TORCH_CHECK_VALUE(!bad.load(), "blob loss backward: `instances` holds an id outside the coefficient table [0, ",
-                    num(K - 1), "]");
+  return !bad.load();
 }
 

@@ -583,11 +583,15 @@ void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const 
   }
 }
 
-void accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
-                     int64_t K, at::Tensor& stats, at::Tensor& invalid) {
+// Ids are checked against K (the CUDA kernels have no separate bound; the host makes K equal to
+// max_label + 1 except for softmax with max_label = 0, whose table needs 2 entries).
+bool accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
+                     int64_t K, int64_t /*bound*/, at::Tensor& stats, const at::Tensor& invalid_flag,
+                     const char* op) {
   const c10::cuda::CUDAGuard guard(input.device());
-  TORCH_CHECK(input.size(0) <= 65535 && input.size(0) * input.size(1) <= 65535,
-              "blob loss (CUDA): B * C must be at most 65535, got ", num(input.size(0) * input.size(1)));
+  TORCH_CHECK_VALUE(input.size(0) <= 65535 && input.size(0) * input.size(1) <= 65535, op,
+                    " (CUDA): B * C must be at most 65535, got ", num(input.size(0) * input.size(1)));
+  at::Tensor invalid = invalid_flag;
   const int64_t C = input.size(1);
   const size_t acc_size = input.scalar_type() == at::kDouble ? 8 : 4;
   const size_t entries = size_t((prm.activation == kSoftmax ? C : 1) * K * kNumStats);
@@ -595,6 +599,9 @@ void accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
   const size_t smem_max = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   const bool shared = smem <= smem_max;
   const bool atomics = !shared && !at::globalContext().deterministicAlgorithms();
+  // The shared-memory and per-warp-row paths write every entry of stats (reduce_rows_kernel);
+  // only the atomics path adds into it and needs it zeroed.
+  if (atomics) stats.zero_();
   BLOB_DISPATCH_TYPES(input.scalar_type(), labels.scalar_type(), [&] {
     if (shared) {
       launch_accumulate<in_t, lab_t, true>(input, labels, prm, K, stats, invalid, smem, false);
@@ -602,10 +609,14 @@ void accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
       launch_accumulate<in_t, lab_t, false>(input, labels, prm, K, stats, invalid, 0, atomics);
     }
   });
+  return true;
 }
 
+// The combine kernel writes a float64 loss; a float32 output is converted by one copy.
 void finalize_cuda(const at::Tensor& stats, const at::Tensor& invalid, const LossParams& prm,
-                   at::Tensor& loss, at::Tensor& coef) {
+                   at::Tensor& loss_out, at::Tensor& coef, const char* /*op*/) {
+  at::Tensor loss = loss_out.scalar_type() == at::kDouble ? loss_out
+                                                          : at::empty({}, stats.options());
   const c10::cuda::CUDAGuard guard(stats.device());
   const int64_t B = stats.size(0), C = stats.size(1), K = stats.size(2), P = B * C;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -624,13 +635,16 @@ void finalize_cuda(const at::Tensor& stats, const at::Tensor& invalid, const Los
       stats.data_ptr<double>(), pr, w_blob, w_global, invalid.data_ptr<int>(), P, K, prm,
       coef.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!loss.is_same(loss_out)) loss_out.copy_(loss);
 }
 
-void backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& labels,
-                   const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input) {
+// Ids outside the coefficient table give a NaN gradient (no sync to raise).
+bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& labels,
+                   const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input,
+                   const char* op) {
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t B = input.size(0), C = input.size(1), V = input.size(2), K = coef.size(2);
-  TORCH_CHECK(B * C <= 65535, "blob loss (CUDA): B * C must be at most 65535, got ", num(B * C));
+  TORCH_CHECK_VALUE(B * C <= 65535, op, " (CUDA): B * C must be at most 65535, got ", num(B * C));
   const bool softmax = prm.activation == kSoftmax;
   const int64_t planes = softmax ? B : B * C;
   const int64_t n_coef = (softmax ? C : 1) * K;
@@ -640,7 +654,7 @@ void backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
   const size_t smem = staged ? smem_needed : 0;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto stream = at::cuda::getCurrentCUDAStream();
-  auto go = grad_out.to(input.device(), at::kDouble).contiguous();
+  auto go = grad_out.reshape({}).to(input.device(), at::kDouble);
   BLOB_DISPATCH_TYPES(input.scalar_type(), labels.scalar_type(), [&] {
     if (!softmax) {
       const int64_t per_block = int64_t(kThreads) * kItems;
@@ -657,12 +671,76 @@ void backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return true;
 }
 
-const DeviceKernels kCudaKernels{&accumulate_cuda, &finalize_cuda, &backward_cuda};
+const DeviceKernels kCudaKernels{&accumulate_cuda, &finalize_cuda, &backward_cuda,
+                                 /*uses_invalid_flag=*/true};
+
+// ---- the CUDA registrations -----------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_forward_cuda(
+    const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
+    c10::string_view activation, c10::string_view masking, bool squared_pred, double smooth_nr,
+    double smooth_dr, int64_t max_label) {
+  return dice_forward(kCudaKernels, input, instances, alpha, beta, activation, masking,
+                      squared_pred, smooth_nr, smooth_dr, max_label);
+}
+
+at::Tensor dice_cuda(const at::Tensor& input, const at::Tensor& instances, double alpha,
+                     double beta, c10::string_view activation, c10::string_view masking,
+                     bool squared_pred, double smooth_nr, double smooth_dr, int64_t max_label) {
+  return std::get<0>(dice_forward_cuda(input, instances, alpha, beta, activation, masking,
+                                       squared_pred, smooth_nr, smooth_dr, max_label));
+}
+
+at::Tensor dice_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+                              const at::Tensor& instances, const at::Tensor& coef,
+                              const at::Tensor& label_ids, c10::string_view activation,
+                              bool squared_pred) {
+  return dice_backward(kCudaKernels, grad, input, instances, coef, label_ids, activation,
+                       squared_pred);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward_cuda(
+    const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
+    c10::string_view activation, c10::string_view masking, double fp_weight, double fn_weight,
+    double smooth_nr, double smooth_dr, int64_t max_label) {
+  return tversky_forward(kCudaKernels, input, instances, alpha, beta, activation, masking,
+                         fp_weight, fn_weight, smooth_nr, smooth_dr, max_label);
+}
+
+at::Tensor tversky_cuda(const at::Tensor& input, const at::Tensor& instances, double alpha,
+                        double beta, c10::string_view activation, c10::string_view masking,
+                        double fp_weight, double fn_weight, double smooth_nr, double smooth_dr,
+                        int64_t max_label) {
+  return std::get<0>(tversky_forward_cuda(input, instances, alpha, beta, activation, masking,
+                                          fp_weight, fn_weight, smooth_nr, smooth_dr, max_label));
+}
+
+at::Tensor tversky_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+                                 const at::Tensor& instances, const at::Tensor& coef,
+                                 const at::Tensor& label_ids, c10::string_view activation) {
+  return tversky_backward(kCudaKernels, grad, input, instances, coef, label_ids, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor> label_stats_cuda(const at::Tensor& input,
+                                                    const at::Tensor& instances,
+                                                    c10::string_view activation,
+                                                    bool squared_pred, int64_t max_label) {
+  return label_stats(kCudaKernels, input, instances, activation, squared_pred, max_label);
+}
 
 }  // namespace
 
-BLOB_REGISTER_DEVICE(CUDA, kCudaKernels)
+TORCH_LIBRARY_IMPL(blob, CUDA, m) {
+  m.impl("dice", &dice_cuda);
+  m.impl("tversky", &tversky_cuda);
+  m.impl("label_stats", &label_stats_cuda);
+  m.impl("_dice_forward", &dice_forward_cuda);
+  m.impl("_dice_backward", &dice_backward_cuda);
+  m.impl("_tversky_forward", &tversky_forward_cuda);
+  m.impl("_tversky_backward", &tversky_backward_cuda);
+}
 
 }  // namespace blob

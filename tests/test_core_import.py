@@ -93,3 +93,20 @@ def test_library_does_not_import_the_oracle():
     script = f"import sys\n{code}\nprint('blobbench.reference' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_command_without_its_extra_names_it(monkeypatch, capsys):
+    from blobbench.__main__ import main
+
+    _block(monkeypatch, "tqdm")
+    assert main(["--help"]) == 2
+    err = capsys.readouterr().err
+    assert 'the blobbench command needs tqdm, which is not installed: pip install "blobbench[bench]"' in err
+
+
+def test_command_entry_point_runs_the_cli(capsys):
+    from blobbench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "usage: blobbench" in capsys.readouterr().out

@@ -350,3 +350,41 @@ def test_quick_keeps_explicit_reps():
     args = ap.parse_args(["--quick"])
     cli._validate(args, ap)
     assert args.reps == 3
+
+
+# ----------------------------------------------------------------------------- label files (issue 11 item 11)
+
+def _label_error(tmp_path, capsys, filename, *extra):
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--labels", str(tmp_path / filename), "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]                          # argparse: usage, then the one line
+
+
+def test_label_file_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    vol = (grid_instances((8, 24, 24), 5, seed=1) > 0).astype(np.uint8)
+    np.savez(tmp_path / "two.npz", image=vol, mask=vol)
+    line = _label_error(tmp_path, capsys, "two.npz")
+    assert "holds arrays ['image', 'mask']" in line and "--labels-key" in line
+    np.save(tmp_path / "float.npy", vol.astype(np.float32) * 0.5)
+    assert "label values must be integers" in _label_error(tmp_path, capsys, "float.npy")
+    assert "label file not found" in _label_error(tmp_path, capsys, "missing.npy")
+    np.save(tmp_path / "zero.npy", np.zeros((8, 24, 24), np.uint8))
+    assert "no foreground voxels" in _label_error(tmp_path, capsys, "zero.npy")
+    (tmp_path / "broken.npy").write_bytes(b"not an array")
+    assert "broken.npy" in _label_error(tmp_path, capsys, "broken.npy")
+    (tmp_path / "labels.txt").write_text("1 2 3")
+    assert "must be .nii" in _label_error(tmp_path, capsys, "labels.txt")
+    assert "no array 'nope'" in _label_error(tmp_path, capsys, "two.npz", "--labels-key", "nope")
+
+
+def test_label_file_with_key_and_integer_floats_runs(tmp_path):
+    vol = (grid_instances((8, 24, 24), 5, seed=1) > 0).astype(np.uint8)
+    np.savez(tmp_path / "two.npz", image=vol * 7, mask=vol)
+    np.save(tmp_path / "f.npy", vol.astype(np.float32))         # float storage, integer values: accepted
+    for f, extra in (("two.npz", ["--labels-key", "mask"]), ("f.npy", [])):
+        assert main(["--profiles", "none", "--labels", str(tmp_path / f), "--labels-profile", "shanel", "--crops",
+                     "1", "--impls", "fused", "--reps", "3", "--no-plots", "--no-check", "--no-proxy",
+                     "--out", str(tmp_path / "o"), *extra]) == 0

@@ -209,12 +209,13 @@ def volume_case(edge: int, n: int, seed: int, workdir) -> Case:
                       logits_like(inst, seed), inst, workdir)
 
 
-def file_case(path, profile: str, crops: int | None, seed: int, workdir, key=None) -> Case:
+def file_case(path, profile: str, crops: int | None, seed: int, workdir, key=None, volume=None) -> Case:
+    """A case cut from a label file (``volume``: the file's array, when already loaded)."""
     from .labelfiles import crops_from_labels, load_label_volume
     from .synthetic import PROFILES, logits_like
 
     p = PROFILES[profile]
-    vol = load_label_volume(path, key)
+    vol = load_label_volume(path, key) if volume is None else volume
     inst = crops_from_labels(vol, p.crop, crops or p.crops, seed)
     name = os.path.basename(str(path))
     return _save_case(Case(name, "file", (), [], meta={"file": str(path), "volume_shape": list(vol.shape),

@@ -165,6 +165,26 @@ def build_parser():
     return ap
 
 
+def _load_labels(path, key, ap):
+    """A label file for --labels, or one clear line and exit status 2 (argparse's error)."""
+    import numpy as np
+
+    from .labelfiles import load_label_volume
+
+    if not os.path.exists(path):
+        ap.error(f"label file not found: {path}")
+    if os.path.isdir(path):
+        ap.error(f"--labels {path}: a folder, not a label file")
+    try:
+        vol = load_label_volume(path, key)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the user's file: one line, exit 2
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        ap.error(f"--labels {msg}" if msg.startswith(str(path)) else f"--labels {path}: {msg}")
+    if not np.any(vol):
+        ap.error(f"--labels {path}: no foreground voxels (every label is 0): nothing to benchmark")
+    return vol
+
+
 def _validate(args, ap):
     from .bench import IMPLEMENTATIONS
     from .synthetic import PROFILES
@@ -200,9 +220,9 @@ def _validate(args, ap):
         ap.error("--time-budget must be > 0 and --memory-budget >= 0")
     if len(args.sweep_crop) != 3:
         ap.error("--sweep-crop needs three numbers D,H,W")
+    args.label_volumes = {}
     for f in args.labels:
-        if not os.path.exists(f):
-            ap.error(f"label file not found: {f}")
+        args.label_volumes[f] = _load_labels(f, args.labels_key, ap)
     import blobbench
 
     from .bench import normalize_devices
@@ -244,7 +264,8 @@ def run_bench(args) -> dict:
                 cases.append(bench.profile_case(p, args.batch, args.seed, work))
                 bar.update()
             for f in args.labels:
-                cases.append(bench.file_case(f, args.labels_profile, args.crops, args.seed, work, args.labels_key))
+                cases.append(bench.file_case(f, args.labels_profile, args.crops, args.seed, work, args.labels_key,
+                                             volume=getattr(args, "label_volumes", {}).get(f)))
                 bar.update()
             if args.sweep in ("both", "instances"):
                 cases += [bench.instances_case(n, tuple(args.sweep_crop), args.seed, work)
@@ -294,7 +315,8 @@ def run_bench(args) -> dict:
                 "load_before": load_before, "load_after": load(), "cpus": os.cpu_count(),
                 "command": "blobbench " + " ".join(getattr(args, "argv", []))},
         "machine": machine,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "argv")} | {"devices": args.devices},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "argv", "label_volumes")}
+        | {"devices": args.devices},
         "cases": [c.to_json() for c in cases],
         "checks": checks,
         "measurements": measurements,

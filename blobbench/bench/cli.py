@@ -113,7 +113,9 @@ def build_parser():
                     help="your own label files (.nii/.nii.gz/.npy/.npz); each is labelled with cc3d and "
                          "cropped as --labels-profile says")
     ap.add_argument("--labels-profile", default="ms", help="crop size and crops per file for --labels (default ms)")
-    ap.add_argument("--labels-key", default=None, help="array name inside .npz label files")
+    ap.add_argument("--labels-key", default=None,
+                    help="array name inside .npz label files (needed when one holds several arrays and none is "
+                         "called 'label')")
     ap.add_argument("--crops", type=int, default=None, help="crops per label file (default: the profile's)")
     ap.add_argument("--sweep", choices=("both", "instances", "volume", "none"), default="both",
                     help="which sweeps to run (default both)")
@@ -494,7 +496,8 @@ def main_compare(argv):
     (old, old_path), (new, new_path) = runs
     cmp = compare_runs(old, new, args.threshold, args.memory_threshold, int(args.memory_floor * 2**20))
     names = [r.get("run", {}).get("id") or str(p) for r, p in runs]
-    text = format_compare(cmp, f"{names[0]} ({old_path})", f"{names[1]} ({new_path})")
+    full = [n if n == str(p) else f"{n} ({p})" for n, p in zip(names, (old_path, new_path))]
+    text = format_compare(cmp, *full)
     print(text, end="")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compare.txt"), "w") as fh:

@@ -174,8 +174,10 @@ def plot_compare(cmp: dict, path, old_name: str, new_name: str) -> str:
         lim = max(max(xs), 1 / min(xs)) * 1.25           # symmetric about 1 on the log axis
         if lim > 20:
             ticks = [10.0 ** k for k in range(-6, 7) if 1 / lim <= 10.0 ** k <= lim]
+        elif lim > 1.6:
+            ticks = [t for t in (1 / 16, 1 / 8, 0.25, 0.5, 2 / 3, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0) if 1 / lim <= t <= lim]
         else:
-            ticks = [t for t in (0.25, 0.5, 1 / (1 + thr), 1.0, 1 + thr, 2.0, 4.0) if 1 / lim <= t <= lim]
+            ticks = [1 / (1 + thr), 1.0, 1 + thr]
         ax.set_xticks(ticks)
         ax.set_xlim(1 / lim, lim)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
@@ -190,8 +192,9 @@ def plot_compare(cmp: dict, path, old_name: str, new_name: str) -> str:
     axes[0].legend(fontsize=8, loc="lower right")
     n = len(cmp["regressions"])
     fig.suptitle(f"blobbench compare: NEW / OLD per case, implementation and device; red: regression ({n}), "
-                 f"green: improvement\nOLD {old_name}\nNEW {new_name}"
-                 + ("" if cmp["same_machine"] else "\n(different machines)"), fontsize=9)
+                 f"green: improvement\nOLD {old_name}\nNEW {new_name}\n"
+                 + (f"machine: {cmp['new_machine']}" if cmp["same_machine"] else
+                    f"different machines: OLD {cmp['old_machine']}; NEW {cmp['new_machine']}"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

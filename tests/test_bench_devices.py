@@ -121,6 +121,23 @@ def test_cuda_budget_and_memory_accounting(monkeypatch):
     assert bench.cuda_budget_fraction(0, 50, 100) == 0.5 and isinstance(bench.cuda_budget_fraction(0, 1, 3), float)
 
 
+def test_worker_memory_accounting_dispatch(monkeypatch):
+    """The worker's accounting goes to the CUDA allocator for a CUDA device (faked here), with its index."""
+    alloc = FakeAllocator(allocated=2000, peak=12_000, total=1_000_000).install(monkeypatch)
+    dev = torch.device("cuda:1")
+    base = bench.memory_begin(dev, 98_000)
+    assert base == 2000 and ("fraction", 1, 0.1) in alloc.calls
+    assert bench.memory_peak(dev, base) == 10_000
+
+
+def test_cpu_memory_accounting_sees_an_allocation():
+    base = bench.memory_begin(torch.device("cpu"), 0)
+    x = torch.ones(64 * 2**20 // 4)          # 64 MB, touched
+    peak = bench.memory_peak(torch.device("cpu"), base)
+    del x
+    assert peak >= 60 * 2**20
+
+
 def test_command_normalises_devices(fake_gpus):
     ap = cli.build_parser()
     args = ap.parse_args(["--devices", "cuda,cpu,cuda:1"])

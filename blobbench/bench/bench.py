@@ -30,7 +30,7 @@ from .noise import load, summarize_times
 __all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "Case", "loss_fn", "forward_backward", "Runner",
            "profile_case", "instances_case", "volume_case", "file_case", "normalize_device",
            "normalize_devices", "devices_from_env", "synchronize", "cuda_budget_fraction",
-           "cuda_memory_begin", "cuda_memory_peak", "host_cost_proxy"]
+           "cuda_memory_begin", "cuda_memory_peak", "memory_begin", "memory_peak", "host_cost_proxy"]
 
 #: name -> (description, loss kind); the functions are built by :func:`loss_fn`.
 IMPLEMENTATIONS = {
@@ -343,6 +343,34 @@ def _steady_malloc():
         pass  # not glibc: nothing to adjust
 
 
+def memory_begin(device: torch.device, budget: int) -> int:
+    """Start the memory accounting of a measurement (after warm-up and inputs) and apply the memory
+    budget (bytes above now, 0 = none). CPU: an address-space limit, the peak-RSS mark reset,
+    the RSS as the base; CUDA: :func:`cuda_memory_begin` (needs an indexed device)."""
+    if device.type == "cuda":
+        return cuda_memory_begin(device, budget)
+    if budget:
+        vm = _vm("VmSize") if _have_proc() else 0
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = vm + budget
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if vm:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    if _have_proc():
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        return _vm("VmRSS")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_peak(device: torch.device, base: int) -> int:
+    """Peak bytes above ``base`` since :func:`memory_begin`."""
+    if device.type == "cuda":
+        return cuda_memory_peak(device, base)
+    return int((_vm("VmHWM") if _have_proc() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base)
+
+
 def _worker(conn, task):
     """Runs in a fresh process: measures one (case, impl, device); sends dicts through ``conn``."""
     try:
@@ -360,24 +388,7 @@ def _worker(conn, task):
         x = x.to(device).requires_grad_(True)
         inst = inst.to(device)
         sync()
-        budget = task["mem_budget_bytes"]
-        if device.type == "cpu":
-            if budget:
-                vm = _vm("VmSize") if _have_proc() else 0
-                soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-                limit = vm + budget
-                if hard != resource.RLIM_INFINITY:
-                    limit = min(limit, hard)
-                if vm:
-                    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-            if _have_proc():
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-                base = _vm("VmRSS")
-            else:
-                base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        else:
-            base = cuda_memory_begin(device, budget)
+        base = memory_begin(device, task["mem_budget_bytes"])
         conn.send({"event": "ready"})
         t0 = time.perf_counter()
         try:
@@ -389,10 +400,7 @@ def _worker(conn, task):
                 return
             raise
         first = time.perf_counter() - t0
-        if device.type == "cpu":
-            peak = (_vm("VmHWM") if _have_proc() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
-        else:
-            peak = cuda_memory_peak(device, base)
+        peak = memory_peak(device, base)
         conn.send({"event": "first", "first_call_s": first, "peak_bytes": int(peak)})
         reps = task["reps"]
         n = reps if first * reps <= task["max_case_s"] else max(min(3, reps), int(task["max_case_s"] / first))

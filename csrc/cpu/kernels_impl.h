@@ -140,7 +140,8 @@ void for_each_part(int64_t units, int64_t parts, const Fn& fn) {
 }
 
 // Scratch the accumulate pass may allocate for private tables, all workers together. Beyond it
-// fewer workers share a plane (down to one, which needs no scratch at all).
+// fewer workers share a plane, down to one, which sums into the output in place and needs no
+// scratch at all.
 constexpr int64_t kScratchBytes = int64_t(32) << 20;
 
 // Accumulates the voxels [v0, v1) of one row into `table` (the row's (C or 1) x K x 3 entries).
@@ -197,8 +198,9 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
   const int64_t buf = (softmax ? C : 1) * kBlock;
   std::atomic<bool> bad{false};
 
+  // Part 0 of a split row sums into the output in place; parts 1.. need a private table each.
   int64_t parts = std::min<int64_t>(threads, V / kGrain);
-  parts = std::min<int64_t>(parts, kScratchBytes / (row_entries * int64_t(sizeof(double))));
+  parts = std::min<int64_t>(parts, 1 + kScratchBytes / (row_entries * int64_t(sizeof(double))));
   if (rows >= threads || parts <= 1) {
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / V), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> p(buf);
@@ -213,21 +215,20 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
     });
     return !bad.load();
   }
-  std::vector<double> scratch(parts * row_entries);
+  std::vector<double> scratch((parts - 1) * row_entries);
   for (int64_t r = 0; r < rows; ++r) {
+    double* dst = out + r * row_entries;
     for_each_part(V, parts, [&](int64_t part, int64_t v0, int64_t v1) {
       std::vector<acc_t> p(buf);
-      double* table = scratch.data() + part * row_entries;
+      double* table = part == 0 ? dst : scratch.data() + (part - 1) * row_entries;
       std::fill(table, table + row_entries, 0.0);
       if (!accumulate_span(x, lab, r, v0, v1, C, V, K, bound, softmax, squared, prm.activation,
                            p.data(), table)) {
         bad = true;
       }
     });
-    double* dst = out + r * row_entries;
-    std::copy(scratch.data(), scratch.data() + row_entries, dst);
     for (int64_t part = 1; part < parts; ++part) {
-      const double* t = scratch.data() + part * row_entries;
+      const double* t = scratch.data() + (part - 1) * row_entries;
       for (int64_t i = 0; i < row_entries; ++i) dst[i] += t[i];
     }
   }

@@ -1,0 +1,323 @@
+"""Edge cases of the operators: every input gets a right answer or a clear error (issue 11).
+
+In the style of pytorch_scatter's ``test_zero_tensors``: each case is small and says what it
+checks. Answers are compared with the paper's loop (MONAI) or with the same loss on relabelled
+ids; errors must name the op and the argument.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+import blobbench
+from blobbench import blob_dice, blob_tversky, naive_blob_dice
+from conftest import devices
+from helpers import loss_and_grad, random_instances, rel_err
+
+INT64_MAX = 2**63 - 1
+
+
+def _case(device="cpu", shape=(2, 1, 4, 8, 8), dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    lab = torch.zeros(shape, dtype=torch.int64)
+    lab[0, :, 1:3, 1:4, 1:4] = 1
+    lab[0, :, 2:4, 5:8, 5:8] = 2
+    lab[-1, :, 0:2, 0:2, 0:3] = 3
+    return x.to(device), lab.to(device)
+
+
+def _fwd(x, lab, max_label=-1, activation="sigmoid"):
+    return torch.ops.blob._dice_forward(x, lab, 2.0, 1.0, activation, "paper", False, 1e-5, 1e-5,
+                                        max_label)
+
+
+# ---- 1. the backward ops validate what they read ------------------------------------------
+
+
+def _backward_args(device="cpu"):
+    x, lab = _case(device)
+    _, coef, ids = _fwd(x, lab)
+    return dict(grad=torch.tensor(1.0, device=device), input=x, instances=lab, coef=coef,
+                label_ids=ids)
+
+
+BAD_BACKWARD = {
+    # the issue's case: a 4-element view of a larger buffer handed as `instances`
+    "instances view of a larger buffer": (
+        lambda a: dict(a, instances=torch.zeros(65536, dtype=torch.int64)[:4].view(1, 1, 2, 2)),
+        ValueError, r"`instances` must have the shape of `input`"),
+    "float instances": (lambda a: dict(a, instances=a["instances"].float()),
+                        TypeError, r"`instances` must hold integer instance ids"),
+    "label_ids of another dtype": (lambda a: dict(a, label_ids=a["label_ids"].int()),
+                                   ValueError, r"`label_ids` must be the \(B, C, K\)"),
+    "label_ids of another layout": (lambda a: dict(a, label_ids=a["instances"].new_empty(0)),
+                                    ValueError, r"`label_ids` must be the \(B, C, K\)"),
+    "coef of another batch": (lambda a: dict(a, coef=a["coef"][:1]),
+                              ValueError, r"`coef` must be the \(B, C, K, 2\) float64 table"),
+    "coef in float32": (lambda a: dict(a, coef=a["coef"].float()),
+                        ValueError, r"`coef` must be the \(B, C, K, 2\) float64 table"),
+    "grad not a scalar": (lambda a: dict(a, grad=torch.ones(2, dtype=torch.float64)),
+                          ValueError, r"`grad` must be a floating scalar"),
+    "empty input": (lambda a: dict(a, input=a["input"][:0], instances=a["instances"][:0]),
+                    ValueError, r"`input` must not be empty"),
+}
+
+
+def _call_backward(op, a):
+    if op == "dice":
+        return torch.ops.blob._dice_backward(a["grad"], a["input"], a["instances"], a["coef"],
+                                             a["label_ids"], "sigmoid", False)
+    return torch.ops.blob._tversky_backward(a["grad"], a["input"], a["instances"], a["coef"],
+                                            a["label_ids"], "sigmoid")
+
+
+@pytest.mark.parametrize("op", ["dice", "tversky"])
+@pytest.mark.parametrize("case", list(BAD_BACKWARD))
+def test_backward_ops_validate_every_argument(op, case):
+    bad, exc, match = BAD_BACKWARD[case]
+    args = bad(_backward_args())
+    with pytest.raises(exc, match=rf"blob\.{op} \(backward\): " + match):
+        _call_backward(op, args)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and blobbench.has_cuda_kernels()),
+                    reason="needs a CUDA device and a CUDA build of blobbench")
+@pytest.mark.cuda
+def test_backward_ops_reject_tensors_on_other_devices():
+    a = _backward_args("cuda")
+    for key in ("instances", "coef", "label_ids", "grad"):
+        with pytest.raises(ValueError, match=r"device"):
+            _call_backward("dice", dict(a, **{key: a[key].cpu()}))
+
+
+# ---- 1 and 9. the fake kernels enforce the same rules as the C++ checks -------------------
+
+BAD_FORWARD = {
+    "float instances": lambda x, l: (x, l.float(), {}),
+    "integer input": lambda x, l: (x.int(), l, {}),
+    "too few dims": lambda x, l: (x[:, :, 0, 0, 0], l[:, :, 0, 0, 0], {}),
+    "shape mismatch": lambda x, l: (x, l[:, :, :3], {}),
+    "empty batch": lambda x, l: (x[:0], l[:0], {}),
+    "empty spatial dim": lambda x, l: (x[:, :, :0], l[:, :, :0], {}),
+    "softmax with one channel": lambda x, l: (x, l, dict(activation="softmax")),
+    "official masking with softmax": lambda x, l: (
+        torch.cat([x, x], 1), torch.cat([l, l], 1), dict(activation="softmax", masking="official")),
+    "unknown activation": lambda x, l: (x, l, dict(activation="relu")),
+    "unknown masking": lambda x, l: (x, l, dict(masking="exact")),
+    "max_label below -1": lambda x, l: (x, l, dict(max_label=-2)),
+}
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except (TypeError, ValueError, RuntimeError) as e:
+        return type(e), str(e).split("\n")[0]
+    return None
+
+
+@pytest.mark.parametrize("op", ["dice", "tversky", "label_stats"])
+@pytest.mark.parametrize("case", list(BAD_FORWARD))
+def test_fake_kernels_raise_what_the_kernels_raise(op, case):
+    x, lab = _case(dtype=torch.float32)
+    x, lab, kw = BAD_FORWARD[case](x, lab)
+    if op == "label_stats" and "masking" in kw:
+        pytest.skip("label_stats has no masking")
+    call = {"dice": lambda a, b: torch.ops.blob.dice(a, b, **kw),
+            "tversky": lambda a, b: torch.ops.blob.tversky(a, b, **kw),
+            "label_stats": lambda a, b: torch.ops.blob.label_stats(a, b, **kw)}[op]
+    real = _error_of(lambda: call(x, lab))
+    assert real is not None, "the kernel accepted a bad input"
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        fx, flab = mode.from_tensor(x), mode.from_tensor(lab)
+        fake = _error_of(lambda: call(fx, flab))
+    assert fake == real
+
+
+def test_empty_batch_fails_when_traced_not_at_run_time():
+    # The C++ checks reject B = 0; the fakes must too, so a compiled graph cannot trace and
+    # then fail at run time.
+    x, lab = _case()
+    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
+                       match=r"blob\.dice: `input` must not be empty"):
+        torch.compile(lambda a, b: blob_dice(a, b, max_label=3), fullgraph=True)(x[:0], lab[:0])
+
+
+# ---- 2. int64 limits ------------------------------------------------------------------------
+
+
+def test_largest_int64_id_is_an_ordinary_sparse_id():
+    x, lab = _case()
+    huge = lab.clone()
+    huge[lab == 3] = INT64_MAX
+    want = loss_and_grad(blob_dice, x, lab)
+    got = loss_and_grad(blob_dice, x, huge)
+    assert rel_err(got[0], want[0]) <= 1e-14 and rel_err(got[1], want[1]) <= 1e-12
+
+
+@devices
+def test_largest_int64_max_label_with_small_ids(device):
+    x, lab = _case(device)
+    want = loss_and_grad(blob_dice, x, lab)
+    got = loss_and_grad(blob_dice, x, lab, max_label=INT64_MAX)
+    assert rel_err(got[0], want[0]) <= 1e-14 and rel_err(got[1], want[1]) <= 1e-12
+
+
+def test_max_label_zero_rejects_id_one():
+    x, lab = _case()
+    with pytest.raises(ValueError, match=r"blob\.dice: `instances` holds an id outside \[0, "
+                                         r"max_label\] \(max_label = 0\)"):
+        blob_dice(x, lab.clamp(max=1), max_label=0)
+    # and with only background it is a valid bound
+    assert torch.isfinite(blob_dice(x, torch.zeros_like(lab), max_label=0))
+
+
+# ---- 3. a generous max_label keeps the dense table (no compaction, no sync) -----------------
+
+
+def test_generous_max_label_stays_dense_and_exact():
+    rng = np.random.default_rng(3)
+    lab = random_instances(rng, (2, 1, 16, 16, 16), 40, empty_prob=0.0, dtype=torch.int64)
+    x = torch.randn(lab.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _, coef, ids = _fwd(x, lab, max_label=10**6)
+    assert ids.shape == (2, 1, 0), "a caller-bounded table under the budget must not compact"
+    assert coef.shape[2] == 10**6 + 1
+    want = loss_and_grad(blob_dice, x, lab)
+    got = loss_and_grad(blob_dice, x, lab, max_label=10**6)
+    assert rel_err(got[0], want[0]) <= 1e-14 and rel_err(got[1], want[1]) <= 1e-12
+
+
+def test_max_label_beyond_the_table_budget_compacts():
+    x, lab = _case()
+    _, coef, ids = _fwd(x, lab, max_label=10**12)
+    assert ids.shape[2] == coef.shape[2] > 0  # compacted: documented to sync
+    assert rel_err(blob_dice(x, lab, max_label=10**12), blob_dice(x, lab)) <= 1e-14
+
+
+# ---- 4. compaction is per (b, c) plane ----------------------------------------------------------
+
+
+def test_compaction_sizes_tables_per_plane():
+    B, per_plane = 8, 50
+    rng = np.random.default_rng(4)
+    lab = torch.zeros(B, 1, 8, 32, 32, dtype=torch.int64)
+    for b in range(B):  # disjoint sparse id sets: the whole batch holds B * per_plane ids
+        ids = rng.choice(10**9, size=per_plane, replace=False) + 1 + b * 10**9
+        flat = lab[b, 0].view(-1)
+        flat[rng.choice(flat.numel(), size=per_plane, replace=False)] = torch.from_numpy(ids)
+    x = torch.randn(lab.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    _, coef, ids = _fwd(x, lab)
+    assert coef.shape[2] == per_plane + 1  # not B * per_plane + 1
+    assert ids.shape == (B, 1, per_plane + 1)
+    # the same loss as with the ids renumbered 1..n per plane
+    dense = torch.zeros_like(lab)
+    for b in range(B):
+        _, inv = torch.unique(lab[b], return_inverse=True)
+        dense[b] = inv
+    want = loss_and_grad(blob_dice, x, dense)
+    got = loss_and_grad(blob_dice, x, lab)
+    assert rel_err(got[0], want[0]) <= 1e-14 and rel_err(got[1], want[1]) <= 1e-12
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_per_plane_compaction_matches_the_loop(activation):
+    rng = np.random.default_rng(11)
+    lab = random_instances(rng, (3, 2, 5, 9, 9), 5, sparse_ids=True, empty_prob=0.2,
+                           dtype=torch.int64)
+    lab = lab * 1_000_003  # far above any dense table
+    x = torch.randn(lab.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    want = loss_and_grad(naive_blob_dice, x, lab, 2.0, 1.0, activation=activation)
+    got = loss_and_grad(blob_dice, x, lab, activation=activation)
+    assert rel_err(got[0], want[0]) <= 1e-10 and rel_err(got[1], want[1]) <= 1e-8
+
+
+# ---- 5. the CPU scratch is bounded whatever the thread count --------------------------------
+
+_SCRATCH_PROBE = textwrap.dedent("""
+    import resource, sys, torch, blobbench
+    torch.set_num_threads(int(sys.argv[1]))
+    V, K = 1 << 21, 1 << 20
+    x = torch.randn(1, 1, V)
+    lab = torch.randint(0, K, (1, 1, V), generator=torch.Generator().manual_seed(0))
+    blobbench.blob_dice(x[..., :4096], lab[..., :4096], max_label=K - 1)  # warm-up
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = hwm()
+    blobbench.blob_dice(x, lab, max_label=K - 1)
+    print(hwm() - before)
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_cpu_scratch_does_not_grow_with_threads():
+    # One plane with a dense table of 2^20 labels (25 MB of sums, 17 MB of coefficients). Before
+    # the bound, each of 8 workers allocated its own 25 MB table (~200 MB of scratch).
+    def peak(threads):
+        out = subprocess.run([sys.executable, "-c", _SCRATCH_PROBE, str(threads)],
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    table = (1 << 20) * 3 * 8
+    grown = peak(8) - peak(1)
+    assert grown <= (32 << 20) + table // 2, f"scratch grew by {grown / 2**20:.0f} MB with 8 threads"
+
+
+# ---- 6. double backward raises instead of returning silence ----------------------------------
+
+
+@pytest.mark.parametrize("loss_fn", [blob_dice, blob_tversky])
+def test_double_backward_raises(loss_fn):
+    x, lab = _case()
+    x.requires_grad_(True)
+    loss = loss_fn(x, lab) + (x**3).sum()  # another term keeps the graph connected
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    name = "dice" if loss_fn is blob_dice else "tversky"
+    with pytest.raises(RuntimeError, match=rf"blob\.{name}: double backward is not supported"):
+        (g * torch.randn_like(g)).sum().backward()
+
+
+def test_first_order_gradient_under_create_graph_is_still_right():
+    x, lab = _case()
+    want = loss_and_grad(naive_blob_dice, x, lab, 2.0, 1.0)
+    xx = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(blob_dice(xx, lab), xx, create_graph=True)
+    assert rel_err(g, want[1]) <= 1e-10
+
+
+# ---- 12. error messages name the op ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_fn,name", [(blob_dice, "dice"), (blob_tversky, "tversky")])
+def test_range_errors_name_the_op(loss_fn, name):
+    x, lab = _case()
+    lab[0, 0, 0, 0, 0] = 9
+    with pytest.raises(ValueError, match=rf"^blob\.{name}: `instances` holds an id outside"):
+        loss_fn(x, lab, max_label=5)
+
+
+def test_label_stats_errors_name_label_stats():
+    x, lab = _case()
+    with pytest.raises(ValueError, match=r"^blob\.label_stats: `instances` holds an id outside"):
+        torch.ops.blob.label_stats(x, lab, max_label=1)
+
+
+def test_tversky_backward_names_itself():
+    a = _backward_args()
+    _, coef, ids = torch.ops.blob._tversky_forward(a["input"], a["instances"], 2.0, 1.0,
+                                                   "sigmoid", "paper", 0.3, 0.7, 1e-5, 1e-5, -1)
+    bad = a["instances"].clone()
+    bad[0, 0, 0, 0, 0] = 40
+    with pytest.raises(ValueError, match=r"^blob\.tversky \(backward\): `instances` holds an id "
+                                         r"outside the coefficient table"):
+        torch.ops.blob._tversky_backward(a["grad"], a["input"], bad, coef, ids, "sigmoid")

@@ -3,7 +3,7 @@
 // The accumulation kernels reduce every (b, c) plane to per-label sufficient statistics:
 //   S_k = sum of p over voxels with label k, P_k = sum of p^q (q = 2 with squared_pred, else
 //   P_k = S_k) and N_k = number of voxels with label k.
-// Every loss term of blob loss is a closed form of those sums (DESIGN.md section 3), so this
+// Every loss term of blob loss is a closed form of those sums (docs/design.md, section 3), so this
 // header turns a table of statistics into the loss and into a per-label coefficient table
 // (a_k, b_k) such that dL/dp_i = a[l_i] + b[l_i] * q * p_i^(q-1). The backward kernels then
 // need a single pass: grad_x_i = grad_out * (a[l_i] + b[l_i] * dpow(p_i)) * act'(x_i).
@@ -45,10 +45,10 @@ struct LossParams {
   bool squared_pred;   // Dice only: p^2 in the denominator
   double smooth_nr;
   double smooth_dr;
-  double tversky_fp;   // Tversky weight of false positives (paper: 0.3)
-  double tversky_fn;   // Tversky weight of false negatives (paper: 0.7)
-  double alpha;        // weight of the global term (paper Eq. 2)
-  double beta;         // weight of the blob term (paper Eq. 2)
+  double tversky_fp;  // Tversky weight of false positives (paper: 0.3)
+  double tversky_fn;  // Tversky weight of false negatives (paper: 0.7)
+  double alpha;       // weight of the global term (paper Eq. 2)
+  double beta;        // weight of the blob term (paper Eq. 2)
 };
 
 // Loss value and partial derivatives of one region term.
@@ -77,8 +77,8 @@ BLOB_HD RegionTerm region_term(double s_t, double n_t, double p_dom, double s_no
     // tp = s_t, fp = s_nont + masked, fn = n_t - s_t   (MONAI TverskyLoss)
     // L = 1 - (tp + nr) / (tp + wfp * fp + wfn * fn + dr)
     const double num = s_t + prm.smooth_nr;
-    const double den = s_t + prm.tversky_fp * (s_nont + masked) + prm.tversky_fn * (n_t - s_t) +
-                       prm.smooth_dr;
+    const double den =
+        s_t + prm.tversky_fp * (s_nont + masked) + prm.tversky_fn * (n_t - s_t) + prm.smooth_dr;
     r.loss = 1.0 - num / den;
     r.d_target = -(den - num * (1.0 - prm.tversky_fn)) / (den * den);
     r.d_nontarget = num * prm.tversky_fp / (den * den);
@@ -100,7 +100,7 @@ struct PlaneTotals {
   double s_all;  // sum p over the plane
   double p_all;  // sum p^q over the plane
   double s_fg;   // sum p over labels > 0
-  double n_fg;   // number of voxels with label > 0 (G in DESIGN.md)
+  double n_fg;   // number of voxels with label > 0 (G in docs/design.md)
 };
 
 BLOB_HD void add_to_totals(PlaneTotals& t, int64_t k, const double* st) {

@@ -46,7 +46,8 @@ int32_t parse_activation(const std::string& name, const char* op) {
   if (name == "sigmoid") return kSigmoid;
   if (name == "softmax") return kSoftmax;
   if (name == "none") return kNoActivation;
-  TORCH_CHECK_VALUE(false, op, ": `activation` must be one of \"sigmoid\", \"softmax\" or \"none\", got \"",
+  TORCH_CHECK_VALUE(false, op,
+                    ": `activation` must be one of \"sigmoid\", \"softmax\" or \"none\", got \"",
                     name, "\"");
 }
 
@@ -57,11 +58,13 @@ int32_t parse_masking(const std::string& name, int32_t activation, const char* o
   } else if (name == "official") {
     m = kOfficial;
   } else {
-    TORCH_CHECK_VALUE(false, op, ": `masking` must be \"paper\" or \"official\", got \"", name, "\"");
+    TORCH_CHECK_VALUE(false, op, ": `masking` must be \"paper\" or \"official\", got \"", name,
+                      "\"");
   }
-  TORCH_CHECK_VALUE(!(m == kOfficial && activation == kSoftmax), op,
-                    ": masking=\"official\" is only defined for activation \"sigmoid\" or \"none\" "
-                    "(the published code masks sigmoid logits); use masking=\"paper\" with softmax");
+  TORCH_CHECK_VALUE(
+      !(m == kOfficial && activation == kSoftmax), op,
+      ": masking=\"official\" is only defined for activation \"sigmoid\" or \"none\" "
+      "(the published code masks sigmoid logits); use masking=\"paper\" with softmax");
   return m;
 }
 
@@ -74,14 +77,17 @@ bool is_label_dtype(at::ScalarType t) {
 void check_tensors(const at::Tensor& input, const at::Tensor& instances, const char* op) {
   const auto st = input.scalar_type();
   TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
-                   op, ": `input` must be a float16, bfloat16, float32 or float64 tensor, got ", st);
-  TORCH_CHECK_TYPE(is_label_dtype(instances.scalar_type()), op,
-                   ": `instances` must hold integer instance ids (uint8, int16, int32 or int64), got ",
-                   instances.scalar_type(),
-                   "; label a mask with blobbench.label_instances() or cast ids with .long()");
-  TORCH_CHECK_VALUE(input.dim() >= 3 && input.dim() <= 5, op,
-                    ": `input` must have shape (B, C, *spatial) with 1 to 3 spatial dims, got shape ",
-                    shape(input.sizes()));
+                   op, ": `input` must be a float16, bfloat16, float32 or float64 tensor, got ",
+                   st);
+  TORCH_CHECK_TYPE(
+      is_label_dtype(instances.scalar_type()), op,
+      ": `instances` must hold integer instance ids (uint8, int16, int32 or int64), got ",
+      instances.scalar_type(),
+      "; label a mask with blobbench.label_instances() or cast ids with .long()");
+  TORCH_CHECK_VALUE(
+      input.dim() >= 3 && input.dim() <= 5, op,
+      ": `input` must have shape (B, C, *spatial) with 1 to 3 spatial dims, got shape ",
+      shape(input.sizes()));
   TORCH_CHECK_VALUE(instances.sizes() == input.sizes(), op,
                     ": `instances` must have the shape of `input` (B, C, *spatial), got instances ",
                     shape(instances.sizes()), " and input ", shape(input.sizes()));
@@ -100,9 +106,10 @@ void check_inputs(const at::Tensor& input, const at::Tensor& instances, int32_t 
                     ": activation=\"softmax\" needs at least 2 channels (channel 0 is the "
                     "background class), got C = ",
                     num(input.size(1)));
-  TORCH_CHECK_VALUE(max_label >= -1, op,
-                    ": `max_label` must be -1 (find it) or an upper bound >= 0 on the instance ids, got ",
-                    num(max_label));
+  TORCH_CHECK_VALUE(
+      max_label >= -1, op,
+      ": `max_label` must be -1 (find it) or an upper bound >= 0 on the instance ids, got ",
+      num(max_label));
 }
 
 struct LabelRange {
@@ -154,8 +161,7 @@ LabelRange compact_labels(const at::Tensor& instances, int32_t activation, int64
   at::Tensor rank = is_new.cumsum(1, at::kLong).sub_(1);  // (P, V + 1)
   // The one sync: smallest id, largest id, largest number of distinct ids in a plane.
   at::Tensor summary = at::stack({sorted.select(1, 0).min().to(at::kLong),
-                                  sorted.select(1, V).max().to(at::kLong),
-                                  rank.select(1, V).max()})
+                                  sorted.select(1, V).max().to(at::kLong), rank.select(1, V).max()})
                            .cpu();
   const int64_t lo = summary[0].item<int64_t>(), hi = summary[1].item<int64_t>();
   TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
@@ -166,7 +172,8 @@ LabelRange compact_labels(const at::Tensor& instances, int32_t activation, int64
   // still returns the first, true, index of that id).
   at::Tensor ids = sorted.select(1, V).unsqueeze(1).expand({P, K}).contiguous();
   at::Tensor offsets = at::arange(P, rank.options()).mul_(K).unsqueeze(1);
-  ids.view({-1}).index_put_({rank.add(offsets).masked_select(is_new)}, sorted.masked_select(is_new));
+  ids.view({-1}).index_put_({rank.add(offsets).masked_select(is_new)},
+                            sorted.masked_select(is_new));
   LabelRange r;
   r.labels = at::searchsorted(ids, src).view({B, C, V});
   r.label_ids = ids.view({B, C, K});
@@ -254,7 +261,8 @@ void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const L
       const bool has_blob_term = !(prm.activation == kSoftmax && i % C == 0);
       if (has_blob_term) {
         for (int64_t k = 1; k < K; ++k) {
-          if (st[k * kNumStats + 2] > 0.0) add_blob(r.blob, blob_term(r.totals, st, st + k * kNumStats, prm));
+          if (st[k * kNumStats + 2] > 0.0)
+            add_blob(r.blob, blob_term(r.totals, st, st + k * kNumStats, prm));
         }
       }
     }
@@ -273,7 +281,6 @@ void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const L
   });
 }
 
-
 namespace {
 
 // The one pass shared by the losses and label_stats: checks, label range, per-label sums.
@@ -284,8 +291,8 @@ struct Accumulated {
 };
 
 Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& input,
-                             const at::Tensor& instances, const LossParams& prm,
-                             int64_t max_label, const char* op) {
+                             const at::Tensor& instances, const LossParams& prm, int64_t max_label,
+                             const char* op) {
   check_inputs(input, instances, prm.activation, max_label, op);
   LabelRange range = resolve_labels(instances, prm.activation, max_label, op);
   Accumulated a;
@@ -300,9 +307,11 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(
-    const DeviceKernels& kernels, const at::Tensor& input, const at::Tensor& instances,
-    const LossParams& prm, int64_t max_label, const char* op) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const DeviceKernels& kernels,
+                                                            const at::Tensor& input,
+                                                            const at::Tensor& instances,
+                                                            const LossParams& prm,
+                                                            int64_t max_label, const char* op) {
   Accumulated a = accumulate_stats(kernels, input, instances, prm, max_label, op);
   auto loss = at::empty({}, input.options().dtype(loss_dtype(input.scalar_type())));
   auto coef = at::empty({input.size(0), input.size(1), a.stats.size(2), kNumCoef},
@@ -328,9 +337,10 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& input,
                         label_ids.size(1) == input.size(1) &&
                         (label_ids.size(2) == 0 || label_ids.size(2) == coef.size(2)) &&
                         label_ids.scalar_type() == instances.scalar_type(),
-                    op, ": `label_ids` must be the (B, C, K) or (B, C, 0) ids of the forward op, of "
-                    "`instances`' dtype, got ", shape(label_ids.sizes()), " ",
-                    c10::toString(label_ids.scalar_type()));
+                    op,
+                    ": `label_ids` must be the (B, C, K) or (B, C, 0) ids of the forward op, of "
+                    "`instances`' dtype, got ",
+                    shape(label_ids.sizes()), " ", c10::toString(label_ids.scalar_type()));
   for (const at::Tensor* t : {&grad, &coef, &label_ids}) {
     TORCH_CHECK_VALUE(t->device() == input.device(), op,
                       ": `grad`, `coef` and `label_ids` must be on `input`'s device (",
@@ -340,8 +350,8 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& input,
 
 at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_out,
                          const at::Tensor& input, const at::Tensor& instances,
-                         const at::Tensor& coef, const at::Tensor& label_ids,
-                         const LossParams& prm, const char* op) {
+                         const at::Tensor& coef, const at::Tensor& label_ids, const LossParams& prm,
+                         const char* op) {
   check_backward_args(grad_out, input, instances, coef, label_ids, op);
   at::Tensor labels = instances;
   if (label_ids.size(2) > 0) {
@@ -396,10 +406,9 @@ at::Tensor dice_backward(const DeviceKernels& k, const at::Tensor& grad, const a
   return loss_backward(k, grad, input, instances, coef, label_ids, prm, op);
 }
 
-at::Tensor tversky_backward(const DeviceKernels& k, const at::Tensor& grad,
-                            const at::Tensor& input, const at::Tensor& instances,
-                            const at::Tensor& coef, const at::Tensor& label_ids,
-                            c10::string_view activation) {
+at::Tensor tversky_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,
+                            const at::Tensor& instances, const at::Tensor& coef,
+                            const at::Tensor& label_ids, c10::string_view activation) {
   const char* op = "blob.tversky (backward)";
   LossParams prm{};
   prm.kind = kTversky;
@@ -415,8 +424,8 @@ std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at:
   const char* op = "blob.label_stats";
   // The sums do not depend on the loss kind, weights or masking: Dice parameters with the
   // default masking select the accumulation (activation, squared_pred).
-  auto prm = make_params(kDice, 1.0, 1.0, std::string(activation), "paper", squared_pred, 0.0,
-                         0.0, 0.0, 0.0, op);
+  auto prm = make_params(kDice, 1.0, 1.0, std::string(activation), "paper", squared_pred, 0.0, 0.0,
+                         0.0, 0.0, op);
   Accumulated a = accumulate_stats(k, input, instances, prm, max_label, op);
   // An id above max_label on CUDA (no sync to raise): make the result unmistakable, as the loss.
   if (a.invalid.defined()) {

@@ -60,10 +60,9 @@ at::Tensor dice_backward(const DeviceKernels& k, const at::Tensor& grad, const a
                          const at::Tensor& instances, const at::Tensor& coef,
                          const at::Tensor& label_ids, c10::string_view activation,
                          bool squared_pred);
-at::Tensor tversky_backward(const DeviceKernels& k, const at::Tensor& grad,
-                            const at::Tensor& input, const at::Tensor& instances,
-                            const at::Tensor& coef, const at::Tensor& label_ids,
-                            c10::string_view activation);
+at::Tensor tversky_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,
+                            const at::Tensor& instances, const at::Tensor& coef,
+                            const at::Tensor& label_ids, c10::string_view activation);
 // Per-label sums (B, C, K, 3) = (sum p, sum p^q, count) and the compacted ids (B, C, K), or
 // (B, C, 0) when dense; NaN where the CUDA kernel met an id above max_label.
 std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at::Tensor& input,

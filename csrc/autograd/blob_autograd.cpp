@@ -89,11 +89,11 @@ class DiceFunction : public torch::autograd::Function<DiceFunction> {
     // recorded (create_graph=True), so that a double backward raises; else straight below it.
     c10::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
     if (!at::GradMode::is_enabled()) below_autograd.emplace();
-    const auto grad_input = dice_backward_op().call(
-        grad[0], saved[0], saved[1], saved[2], saved[3],
-        ctx->saved_data["activation"].toStringRef(), ctx->saved_data["squared_pred"].toBool());
+    const auto grad_input = dice_backward_op().call(grad[0], saved[0], saved[1], saved[2], saved[3],
+                                                    ctx->saved_data["activation"].toStringRef(),
+                                                    ctx->saved_data["squared_pred"].toBool());
     return {grad_input, Variable(), Variable(), Variable(), Variable(),
-            Variable(), Variable(),  Variable(), Variable(), Variable()};
+            Variable(), Variable(), Variable(), Variable(), Variable()};
   }
 };
 
@@ -104,8 +104,8 @@ class DiceBackwardFunction : public torch::autograd::Function<DiceBackwardFuncti
                                const Variable& coef, const Variable& label_ids,
                                c10::string_view activation, bool squared_pred) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return {dice_backward_op().call(grad, input, instances, coef, label_ids, activation,
-                                    squared_pred)};
+    return {
+        dice_backward_op().call(grad, input, instances, coef, label_ids, activation, squared_pred)};
   }
   static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad*/) {
     no_double_backward("blob.dice");
@@ -114,8 +114,7 @@ class DiceBackwardFunction : public torch::autograd::Function<DiceBackwardFuncti
 
 at::Tensor dice_autograd(const at::Tensor& input, const at::Tensor& instances, double alpha,
                          double beta, c10::string_view activation, c10::string_view masking,
-                         bool squared_pred, double smooth_nr, double smooth_dr,
-                         int64_t max_label) {
+                         bool squared_pred, double smooth_nr, double smooth_dr, int64_t max_label) {
   return DiceFunction::apply(input, instances, alpha, beta, activation, masking, squared_pred,
                              smooth_nr, smooth_dr, max_label)[0];
 }
@@ -153,7 +152,7 @@ class TverskyFunction : public torch::autograd::Function<TverskyFunction> {
         tversky_backward_op().call(grad[0], saved[0], saved[1], saved[2], saved[3],
                                    ctx->saved_data["activation"].toStringRef());
     return {grad_input, Variable(), Variable(), Variable(), Variable(), Variable(),
-            Variable(),  Variable(), Variable(), Variable(), Variable()};
+            Variable(), Variable(), Variable(), Variable(), Variable()};
   }
 };
 
@@ -173,8 +172,8 @@ class TverskyBackwardFunction : public torch::autograd::Function<TverskyBackward
 
 at::Tensor tversky_autograd(const at::Tensor& input, const at::Tensor& instances, double alpha,
                             double beta, c10::string_view activation, c10::string_view masking,
-                            double fp_weight, double fn_weight, double smooth_nr,
-                            double smooth_dr, int64_t max_label) {
+                            double fp_weight, double fn_weight, double smooth_nr, double smooth_dr,
+                            int64_t max_label) {
   return TverskyFunction::apply(input, instances, alpha, beta, activation, masking, fp_weight,
                                 fn_weight, smooth_nr, smooth_dr, max_label)[0];
 }

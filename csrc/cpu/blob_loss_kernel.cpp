@@ -70,26 +70,29 @@ bool accumulate_cpu(const at::Tensor& input, const at::Tensor& labels, const Los
                     int64_t K, int64_t bound, at::Tensor& stats, const at::Tensor& /*invalid*/,
                     const char* /*op*/) {
   bool ok = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "blob_accumulate", [&] {
-    using in_t = scalar_t;
-    AT_DISPATCH_V2(labels.scalar_type(), "blob_accumulate_labels", AT_WRAP([&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "blob_accumulate", [&] {
+        using in_t = scalar_t;
+        AT_DISPATCH_V2(
+            labels.scalar_type(), "blob_accumulate_labels", AT_WRAP([&] {
 #ifdef BLOB_CPU_MULTIVERSION
-      if (use_avx2()) {
-        ok = avx2::accumulate_typed<in_t, scalar_t>(input, labels, prm, K, bound, stats);
-        return;
-      }
+              if (use_avx2()) {
+                ok = avx2::accumulate_typed<in_t, scalar_t>(input, labels, prm, K, bound, stats);
+                return;
+              }
 #endif
-      ok = base::accumulate_typed<in_t, scalar_t>(input, labels, prm, K, bound, stats);
-    }), at::kByte, at::kShort, at::kInt, at::kLong);
-  });
+              ok = base::accumulate_typed<in_t, scalar_t>(input, labels, prm, K, bound, stats);
+            }),
+            at::kByte, at::kShort, at::kInt, at::kLong);
+      });
   return ok;
 }
 
 void finalize_cpu(const at::Tensor& stats, const at::Tensor& /*invalid*/, const LossParams& prm,
                   at::Tensor& loss, at::Tensor& coef, const char* /*op*/) {
   double value = 0.0;
-  finalize_host(stats.data_ptr<double>(), stats.size(0), stats.size(1), stats.size(2), prm,
-                &value, coef.data_ptr<double>());
+  finalize_host(stats.data_ptr<double>(), stats.size(0), stats.size(1), stats.size(2), prm, &value,
+                coef.data_ptr<double>());
   if (loss.scalar_type() == at::kDouble) {
     *loss.data_ptr<double>() = value;
   } else {
@@ -102,18 +105,21 @@ bool backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at:
                   const char* /*op*/) {
   const double go = grad_out.item<double>();
   bool ok = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "blob_backward", [&] {
-    using in_t = scalar_t;
-    AT_DISPATCH_V2(labels.scalar_type(), "blob_backward_labels", AT_WRAP([&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "blob_backward", [&] {
+        using in_t = scalar_t;
+        AT_DISPATCH_V2(
+            labels.scalar_type(), "blob_backward_labels", AT_WRAP([&] {
 #ifdef BLOB_CPU_MULTIVERSION
-      if (use_avx2()) {
-        ok = avx2::backward_typed<in_t, scalar_t>(go, input, labels, coef, prm, grad_input);
-        return;
-      }
+              if (use_avx2()) {
+                ok = avx2::backward_typed<in_t, scalar_t>(go, input, labels, coef, prm, grad_input);
+                return;
+              }
 #endif
-      ok = base::backward_typed<in_t, scalar_t>(go, input, labels, coef, prm, grad_input);
-    }), at::kByte, at::kShort, at::kInt, at::kLong);
-  });
+              ok = base::backward_typed<in_t, scalar_t>(go, input, labels, coef, prm, grad_input);
+            }),
+            at::kByte, at::kShort, at::kInt, at::kLong);
+      });
   return ok;
 }
 
@@ -126,13 +132,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_forward_cpu(
     const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
     c10::string_view activation, c10::string_view masking, bool squared_pred, double smooth_nr,
     double smooth_dr, int64_t max_label) {
-  return dice_forward(kCpuKernels, input, instances, alpha, beta, activation, masking,
-                      squared_pred, smooth_nr, smooth_dr, max_label);
+  return dice_forward(kCpuKernels, input, instances, alpha, beta, activation, masking, squared_pred,
+                      smooth_nr, smooth_dr, max_label);
 }
 
-at::Tensor dice_cpu(const at::Tensor& input, const at::Tensor& instances, double alpha,
-                    double beta, c10::string_view activation, c10::string_view masking,
-                    bool squared_pred, double smooth_nr, double smooth_dr, int64_t max_label) {
+at::Tensor dice_cpu(const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
+                    c10::string_view activation, c10::string_view masking, bool squared_pred,
+                    double smooth_nr, double smooth_dr, int64_t max_label) {
   return std::get<0>(dice_forward_cpu(input, instances, alpha, beta, activation, masking,
                                       squared_pred, smooth_nr, smooth_dr, max_label));
 }
@@ -149,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward_cpu(
     const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
     c10::string_view activation, c10::string_view masking, double fp_weight, double fn_weight,
     double smooth_nr, double smooth_dr, int64_t max_label) {
-  return tversky_forward(kCpuKernels, input, instances, alpha, beta, activation, masking,
-                         fp_weight, fn_weight, smooth_nr, smooth_dr, max_label);
+  return tversky_forward(kCpuKernels, input, instances, alpha, beta, activation, masking, fp_weight,
+                         fn_weight, smooth_nr, smooth_dr, max_label);
 }
 
 at::Tensor tversky_cpu(const at::Tensor& input, const at::Tensor& instances, double alpha,
@@ -169,8 +175,8 @@ at::Tensor tversky_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
 
 std::tuple<at::Tensor, at::Tensor> label_stats_cpu(const at::Tensor& input,
                                                    const at::Tensor& instances,
-                                                   c10::string_view activation,
-                                                   bool squared_pred, int64_t max_label) {
+                                                   c10::string_view activation, bool squared_pred,
+                                                   int64_t max_label) {
   return label_stats(kCpuKernels, input, instances, activation, squared_pred, max_label);
 }
 

@@ -31,14 +31,16 @@ inline float vec_exp(float x) {
 inline double vec_exp(double x) { return std::exp(x); }
 
 template <typename scalar_t>
-using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+using acc_type =
+    typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
 // p = act(x) for sigmoid / none over one block.
 template <typename scalar_t, typename acc_t>
 inline void activate_block(const scalar_t* x, int64_t m, int32_t act, acc_t* p) {
   if (act == kSigmoid) {
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) p[j] = acc_t(1) / (acc_t(1) + vec_exp(-static_cast<acc_t>(x[j])));
+    for (int64_t j = 0; j < m; ++j)
+      p[j] = acc_t(1) / (acc_t(1) + vec_exp(-static_cast<acc_t>(x[j])));
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) p[j] = static_cast<acc_t>(x[j]);
@@ -135,7 +137,8 @@ inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int6
 template <typename Fn>
 void for_each_part(int64_t units, int64_t parts, const Fn& fn) {
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t part = p0; part < p1; ++part) fn(part, units * part / parts, units * (part + 1) / parts);
+    for (int64_t part = p0; part < p1; ++part)
+      fn(part, units * part / parts, units * (part + 1) / parts);
   });
 }
 
@@ -275,8 +278,9 @@ bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
               gp[j] = 0;
               continue;
             }
-            gp[j] = grad_wrt_p(p[j], acc_t(row[k * kNumCoef]), acc_t(row[k * kNumCoef + 1]), squared) *
-                    elementwise_act_grad(p[j], prm.activation);
+            gp[j] =
+                grad_wrt_p(p[j], acc_t(row[k * kNumCoef]), acc_t(row[k * kNumCoef + 1]), squared) *
+                elementwise_act_grad(p[j], prm.activation);
           }
         }
 #pragma omp simd
@@ -302,7 +306,8 @@ bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
             if (out_of_range(k, K)) {
               ok = false;
             } else {
-              g = grad_wrt_p(p[ch * kBlock + j], acc_t(row[k * kNumCoef]), acc_t(row[k * kNumCoef + 1]), squared);
+              g = grad_wrt_p(p[ch * kBlock + j], acc_t(row[k * kNumCoef]),
+                             acc_t(row[k * kNumCoef + 1]), squared);
             }
             gp[ch * kBlock + j] = g;
             dot[j] += g * p[ch * kBlock + j];
@@ -321,4 +326,3 @@ bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
   });
   return !bad.load();
 }
-

@@ -135,15 +135,15 @@ struct Run {
 
 // Where a block's tables live.
 struct TableArgs {
-  void* partial;            // shared mode: one row per block; global rows: one row per warp
-  double* stats;            // (planes, entries) float64, atomics mode
-  int64_t entries;          // table entries of one plane (softmax: C * K * 3)
+  void* partial;    // shared mode: one row per block; global rows: one row per warp
+  double* stats;    // (planes, entries) float64, atomics mode
+  int64_t entries;  // table entries of one plane (softmax: C * K * 3)
   bool atomics;
 };
 
 template <typename acc_t, bool SHARED>
 __device__ __forceinline__ WarpTable<acc_t> open_tables(acc_t* smem, const TableArgs& ta,
-                                                       int64_t plane) {
+                                                        int64_t plane) {
   const int warp = threadIdx.x >> 5;
   WarpTable<acc_t> t;
   t.atomics = false;
@@ -311,8 +311,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Sums the partial rows of each plane in row order: stats[plane][e] = sum_r partial[plane][r][e].
 template <typename acc_t>
-__global__ void reduce_rows_kernel(const acc_t* __restrict__ partial, int64_t planes,
-                                   int64_t rows, int64_t entries, double* __restrict__ stats) {
+__global__ void reduce_rows_kernel(const acc_t* __restrict__ partial, int64_t planes, int64_t rows,
+                                   int64_t entries, double* __restrict__ stats) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= planes * entries) return;
   const int64_t plane = i / entries, e = i % entries;
@@ -384,8 +384,8 @@ __global__ void coef_kernel(const double* __restrict__ stats, const PlaneResult*
   if (i >= planes * K) return;
   const int64_t plane = i / K, k = i % K;
   const double* st = stats + plane * K * kNumStats;
-  label_coef(k, st, st + k * kNumStats, pr[plane].totals, pr[plane].blob, *w_global,
-             w_blob[plane], prm, coef + i * kNumCoef);
+  label_coef(k, st, st + k * kNumStats, pr[plane].totals, pr[plane].blob, *w_global, w_blob[plane],
+             prm, coef + i * kNumCoef);
   if (*invalid) coef[i * kNumCoef] = coef[i * kNumCoef + 1] = NAN;
 }
 
@@ -417,11 +417,9 @@ __device__ __forceinline__ void coef_of(const double* __restrict__ coef, const a
 // Sigmoid / none. Grid (blocks per plane, B * C).
 template <typename scalar_t, typename label_t>
 __global__ void __launch_bounds__(kThreads)
-    backward_elementwise_kernel(const double* __restrict__ grad_out,
-                                const scalar_t* __restrict__ x,
-                                const label_t* __restrict__ labels,
-                                const double* __restrict__ coef, int64_t V, int64_t K,
-                                int32_t act, bool squared, bool staged,
+    backward_elementwise_kernel(const double* __restrict__ grad_out, const scalar_t* __restrict__ x,
+                                const label_t* __restrict__ labels, const double* __restrict__ coef,
+                                int64_t V, int64_t K, int32_t act, bool squared, bool staged,
                                 scalar_t* __restrict__ grad_x) {
   using acc_t = typename AccType<scalar_t>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -513,13 +511,14 @@ __global__ void __launch_bounds__(kThreads)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-#define BLOB_DISPATCH_TYPES(INPUT, LABELS, ...)                                                   \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, INPUT, "blob_cuda", [&] {             \
-    using in_t = scalar_t;                                                                        \
-    AT_DISPATCH_V2(LABELS, "blob_cuda_labels", AT_WRAP([&] {                                      \
-      using lab_t = scalar_t;                                                                     \
-      __VA_ARGS__();                                                                              \
-    }), at::kByte, at::kShort, at::kInt, at::kLong);                                              \
+#define BLOB_DISPATCH_TYPES(INPUT, LABELS, ...)                                       \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, INPUT, "blob_cuda", [&] { \
+    using in_t = scalar_t;                                                            \
+    AT_DISPATCH_V2(LABELS, "blob_cuda_labels", AT_WRAP([&] {                          \
+                     using lab_t = scalar_t;                                          \
+                     __VA_ARGS__();                                                   \
+                   }),                                                                \
+                   at::kByte, at::kShort, at::kInt, at::kLong);                       \
   })
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (opting in to
@@ -527,7 +526,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename Kernel>
 int blocks_per_sm(Kernel kernel, size_t smem) {
   if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
   int n = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
@@ -544,8 +544,10 @@ void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const 
   const int64_t planes = softmax ? B : B * C;
   const int64_t entries = (softmax ? C : 1) * K * kNumStats;
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int per_sm = softmax ? blocks_per_sm(accumulate_softmax_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0)
-                             : blocks_per_sm(accumulate_elementwise_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0);
+  const int per_sm =
+      softmax
+          ? blocks_per_sm(accumulate_softmax_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0)
+          : blocks_per_sm(accumulate_elementwise_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0);
   const int64_t target = int64_t(per_sm) * props->multiProcessorCount;
   const int64_t max_blocks = std::max<int64_t>(1, ceil_div(V, int64_t(kTile) * kWarps));
   int64_t blocks = std::min(max_blocks, std::max<int64_t>(1, ceil_div(target, planes)));
@@ -559,8 +561,8 @@ void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const 
     blocks = std::max<int64_t>(1, std::min(blocks, budget_rows / kWarps));
     partial = at::zeros({planes * blocks * kWarps * entries}, input.options().dtype(acc_dtype));
   }
-  TableArgs ta{partial.defined() ? partial.data_ptr() : nullptr, stats.data_ptr<double>(),
-               entries, atomics};
+  TableArgs ta{partial.defined() ? partial.data_ptr() : nullptr, stats.data_ptr<double>(), entries,
+               atomics};
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid{static_cast<unsigned>(blocks), static_cast<unsigned>(planes)};
   if (softmax) {
@@ -568,9 +570,10 @@ void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const 
         input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), C, V, K, uses_pow(prm), ta,
         invalid.data_ptr<int>());
   } else {
-    accumulate_elementwise_kernel<in_t, lab_t, SHARED><<<grid, kThreads, SHARED ? smem : 0, stream>>>(
-        input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), V, K, prm.activation, uses_pow(prm), ta,
-        invalid.data_ptr<int>());
+    accumulate_elementwise_kernel<in_t, lab_t, SHARED>
+        <<<grid, kThreads, SHARED ? smem : 0, stream>>>(
+            input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), V, K, prm.activation, uses_pow(prm),
+            ta, invalid.data_ptr<int>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (partial.defined()) {
@@ -586,11 +589,12 @@ void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const 
 // Ids are checked against K (the CUDA kernels have no separate bound; the host makes K equal to
 // max_label + 1 except for softmax with max_label = 0, whose table needs 2 entries).
 bool accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
-                     int64_t K, int64_t /*bound*/, at::Tensor& stats, const at::Tensor& invalid_flag,
-                     const char* op) {
+                     int64_t K, int64_t /*bound*/, at::Tensor& stats,
+                     const at::Tensor& invalid_flag, const char* op) {
   const c10::cuda::CUDAGuard guard(input.device());
   TORCH_CHECK_VALUE(input.size(0) <= 65535 && input.size(0) * input.size(1) <= 65535, op,
-                    " (CUDA): B * C must be at most 65535, got ", num(input.size(0) * input.size(1)));
+                    " (CUDA): B * C must be at most 65535, got ",
+                    num(input.size(0) * input.size(1)));
   at::Tensor invalid = invalid_flag;
   const int64_t C = input.size(1);
   const size_t acc_size = input.scalar_type() == at::kDouble ? 8 : 4;
@@ -615,18 +619,19 @@ bool accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
 // The combine kernel writes a float64 loss; a float32 output is converted by one copy.
 void finalize_cuda(const at::Tensor& stats, const at::Tensor& invalid, const LossParams& prm,
                    at::Tensor& loss_out, at::Tensor& coef, const char* /*op*/) {
-  at::Tensor loss = loss_out.scalar_type() == at::kDouble ? loss_out
-                                                          : at::empty({}, stats.options());
+  at::Tensor loss =
+      loss_out.scalar_type() == at::kDouble ? loss_out : at::empty({}, stats.options());
   const c10::cuda::CUDAGuard guard(stats.device());
   const int64_t B = stats.size(0), C = stats.size(1), K = stats.size(2), P = B * C;
   auto stream = at::cuda::getCurrentCUDAStream();
   static_assert(sizeof(PlaneResult) % sizeof(double) == 0, "PlaneResult must pack into doubles");
-  auto work = at::empty({P * int64_t(sizeof(PlaneResult) / sizeof(double)) + P + 1},
-                        stats.options());
+  auto work =
+      at::empty({P * int64_t(sizeof(PlaneResult) / sizeof(double)) + P + 1}, stats.options());
   auto* pr = reinterpret_cast<PlaneResult*>(work.data_ptr<double>());
   double* w_blob = work.data_ptr<double>() + P * int64_t(sizeof(PlaneResult) / sizeof(double));
   double* w_global = w_blob + P;
-  plane_summary_kernel<<<unsigned(P), kReduceThreads, 0, stream>>>(stats.data_ptr<double>(), C, K, prm, pr);
+  plane_summary_kernel<<<unsigned(P), kReduceThreads, 0, stream>>>(stats.data_ptr<double>(), C, K,
+                                                                   prm, pr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   combine_kernel<<<1, 1, 0, stream>>>(pr, B, C, prm, invalid.data_ptr<int>(), w_blob, w_global,
                                       loss.data_ptr<double>());
@@ -658,16 +663,21 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
   BLOB_DISPATCH_TYPES(input.scalar_type(), labels.scalar_type(), [&] {
     if (!softmax) {
       const int64_t per_block = int64_t(kThreads) * kItems;
-      const int64_t blocks = std::min(ceil_div(V, per_block), std::max<int64_t>(1, ceil_div(int64_t(sms) * 8, planes)));
-      backward_elementwise_kernel<in_t, lab_t><<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
-          go.data_ptr<double>(), input.data_ptr<in_t>(), labels.data_ptr<lab_t>(),
-          coef.data_ptr<double>(), V, K, prm.activation, prm.squared_pred, staged,
-          grad_input.data_ptr<in_t>());
+      const int64_t blocks = std::min(ceil_div(V, per_block),
+                                      std::max<int64_t>(1, ceil_div(int64_t(sms) * 8, planes)));
+      backward_elementwise_kernel<in_t, lab_t>
+          <<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
+              go.data_ptr<double>(), input.data_ptr<in_t>(), labels.data_ptr<lab_t>(),
+              coef.data_ptr<double>(), V, K, prm.activation, prm.squared_pred, staged,
+              grad_input.data_ptr<in_t>());
     } else {
-      const int64_t blocks = std::min(ceil_div(V, int64_t(kThreads)), std::max<int64_t>(1, ceil_div(int64_t(sms) * 8, planes)));
-      backward_softmax_kernel<in_t, lab_t><<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
-          go.data_ptr<double>(), input.data_ptr<in_t>(), labels.data_ptr<lab_t>(),
-          coef.data_ptr<double>(), C, V, K, prm.squared_pred, staged, grad_input.data_ptr<in_t>());
+      const int64_t blocks = std::min(ceil_div(V, int64_t(kThreads)),
+                                      std::max<int64_t>(1, ceil_div(int64_t(sms) * 8, planes)));
+      backward_softmax_kernel<in_t, lab_t>
+          <<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
+              go.data_ptr<double>(), input.data_ptr<in_t>(), labels.data_ptr<lab_t>(),
+              coef.data_ptr<double>(), C, V, K, prm.squared_pred, staged,
+              grad_input.data_ptr<in_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -726,8 +736,8 @@ at::Tensor tversky_backward_cuda(const at::Tensor& grad, const at::Tensor& input
 
 std::tuple<at::Tensor, at::Tensor> label_stats_cuda(const at::Tensor& input,
                                                     const at::Tensor& instances,
-                                                    c10::string_view activation,
-                                                    bool squared_pred, int64_t max_label) {
+                                                    c10::string_view activation, bool squared_pred,
+                                                    int64_t max_label) {
   return label_stats(kCudaKernels, input, instances, activation, squared_pred, max_label);
 }
 

@@ -239,3 +239,20 @@ def test_command_on_cuda(tmp_path):
     assert naive and all(m["peak_bytes"] > 0 for m in naive)
     assert res["checks"]["tiny.npy"]["checks"][f"dice/{dev}"]["loss_rel_diff"] < 1e-5
     assert main(_argv(tmp_path, "--devices", f"cpu,{dev}", out="out2")) == 0
+
+
+def test_a_dead_worker_is_named():
+    assert "SIGKILL" in bench._death(-9) and "out-of-memory killer" in bench._death(-9)
+    assert "SIGSEGV" in bench._death(-11) and "exit code 3" in bench._death(3)
+
+
+def test_check_goes_crop_by_crop(tmp_path):
+    vol = (grid_instances((8, 24, 24), 6, seed=2) > 0).astype(np.uint8)
+    np.save(tmp_path / "v.npy", vol)
+    case = bench.file_case(tmp_path / "v.npy", "shanel", 3, 0, str(tmp_path))
+    assert case.shape[0] == 3
+    chk = bench.Runner(threads=1, reps=1, max_case_s=1.0, time_budget_s=60.0, mem_budget_bytes=0).check(
+        case, ["cpu"], ["dice", "tversky"])
+    assert chk["status"] == "ok", chk
+    for key in ("dice/cpu", "tversky/cpu"):
+        assert chk["checks"][key]["crops"] == 3 and chk["checks"][key]["loss_rel_diff"] < 1e-5

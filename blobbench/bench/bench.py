@@ -350,13 +350,7 @@ def memory_begin(device: torch.device, budget: int) -> int:
     if device.type == "cuda":
         return cuda_memory_begin(device, budget)
     if budget:
-        vm = _vm("VmSize") if _have_proc() else 0
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = vm + budget
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        if vm:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        _cap_address_space(budget)
     if _have_proc():
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
@@ -427,34 +421,83 @@ def _failure(e: BaseException) -> dict:
             "traceback": traceback.format_exc()}
 
 
+def _mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cap_address_space(extra: int) -> None:
+    """Limit this process's address space to its current size + ``extra`` bytes, so that going
+    past it is a MemoryError (an "out of memory" result) rather than the kernel's OOM killer."""
+    vm = _vm("VmSize") if _have_proc() else 0
+    if not vm or extra <= 0:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm + extra
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def _check_worker(conn, task):
-    """Fused (float32, every device) against the naive loop (float64, CPU): loss and gradient."""
+    """Fused (float32, every device) against the naive loop (float64, CPU): loss and gradient, one
+    crop (batch element) at a time so that the loop's graph stays a crop's worth; the largest
+    differences over the crops are reported. The process may use at most 80 % of the memory that
+    was available when it started: beyond that the check is "out of memory", not killed."""
     try:
         torch.set_num_threads(task["threads"])
         x, inst = torch.load(task["path"])
+        _cap_address_space(int(0.8 * _mem_available()))
         out = {}
         for loss, naive, fused in (("dice", "naive", "fused"), ("tversky", "naive_tversky", "fused_tversky")):
             if loss not in task["losses"]:
                 continue
-            xr = x.detach().double().requires_grad_(True)
-            ref = loss_fn(naive)(xr, inst)
-            ref.backward()
-            for dev in task["devices"]:
-                xf = x.detach().to(dev, copy=True).requires_grad_(True)
-                got = loss_fn(fused)(xf, inst.to(dev))
-                got.backward()
-                g = xf.grad.double().cpu()
-                out[f"{loss}/{dev}"] = {
-                    "loss": got.item(), "loss_ref": ref.item(),
-                    "loss_rel_diff": abs(got.item() - ref.item()) / max(abs(ref.item()), 1e-30),
-                    "grad_max_abs_diff": float((g - xr.grad).abs().max()),
-                    "grad_max_abs": float(xr.grad.abs().max()),
-                }
+            for b in range(x.shape[0]):
+                xb, ib = x[b:b + 1], inst[b:b + 1]
+                xr = xb.detach().double().requires_grad_(True)
+                ref = loss_fn(naive)(xr, ib)
+                ref.backward()
+                for dev in task["devices"]:
+                    xf = xb.detach().to(dev, copy=True).requires_grad_(True)
+                    got = loss_fn(fused)(xf, ib.to(dev))
+                    got.backward()
+                    g = xf.grad.double().cpu()
+                    row = {"loss": got.item(), "loss_ref": ref.item(),
+                           "loss_rel_diff": abs(got.item() - ref.item()) / max(abs(ref.item()), 1e-30),
+                           "grad_max_abs_diff": float((g - xr.grad).abs().max()),
+                           "grad_max_abs": float(xr.grad.abs().max()), "crops": 1}
+                    prev = out.get(f"{loss}/{dev}")
+                    if prev:   # the worst crop so far
+                        row = {k: max(prev[k], row[k]) for k in ("loss_rel_diff", "grad_max_abs_diff",
+                                                                  "grad_max_abs")} | {
+                            "loss": prev["loss"], "loss_ref": prev["loss_ref"], "crops": prev["crops"] + 1}
+                    out[f"{loss}/{dev}"] = row
+                del xr, ref
         conn.send({"event": "done", "status": "ok", "checks": out})
     except BaseException as e:  # noqa: BLE001
         conn.send(_failure(e))
     finally:
         conn.close()
+
+
+def _death(code) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (on Linux usually the kernel's out-of-memory killer: see dmesg)" if name == "SIGKILL" else ""
+        return f"the worker process was killed by {name}{hint}"
+    return f"the worker process died (exit code {code})"
 
 
 class Runner:
@@ -481,6 +524,7 @@ class Runner:
         proc.start()
         child.close()
         msgs = {}
+        died = False
         try:
             for event, timeout in timeouts:
                 while True:
@@ -494,14 +538,17 @@ class Runner:
                     return msgs, None
             return msgs, None
         except EOFError:
-            msgs.setdefault("status", "error")
-            msgs.setdefault("error", "worker process died")
+            died = True
             return msgs, None
         finally:
             if proc.is_alive():
                 proc.kill()
             proc.join()
-            if "status" not in msgs and proc.exitcode not in (0, None):
+            if died:
+                msgs["status"] = "error"
+                msgs["exitcode"] = proc.exitcode
+                msgs.setdefault("error", _death(proc.exitcode))
+            elif "status" not in msgs and proc.exitcode not in (0, None):
                 msgs["exitcode"] = proc.exitcode
 
     def measure(self, case: Case, impl: str, device: str) -> dict:

@@ -40,9 +40,13 @@ done
 log "benchmark"
 timeout 150 python3 benchmarks/gpu/gpu_bench.py --out "$OUT/gpu_bench.json" --reps 30 --naive-budget 12 > "$OUT/bench.log" 2>&1 || status=1
 tail -8 "$OUT/bench.log"
+log "profiler: kernels per call, kernel time, wall time (fused with max_label vs MONAI)"
+timeout 120 python3 benchmarks/gpu/profile_calls.py --out "$OUT/profile_calls.json" \
+  > "$OUT/profile_calls.log" 2>&1 || { echo "profile_calls: exit $?"; status=1; }
+grep -v "^    " "$OUT/profile_calls.log" | tail -6
 log "blobbench command on CUDA (profiles ms, shanel; instance sweep)"
 timeout 150 python3 -m blobbench --devices cuda --profiles ms,shanel --batch paper --sweep instances --reps 20 \
-  --out "$OUT/blobbench-cuda" > "$OUT/blobbench-cuda.log" 2>&1 || echo "blobbench command: exit $? (not counted in the status)"
-sed -n '/headline ratios/,$p' "$OUT/blobbench-cuda.log" | head -8
+  --out "$OUT/blobbench-cuda" > "$OUT/blobbench-cuda.log" 2>&1 || { echo "blobbench command: exit $?"; status=1; }
+tail -12 "$OUT/blobbench-cuda.log"
 log "done (status $status)"
 exit $status

@@ -17,7 +17,7 @@ import time
 import torch
 
 import blobbench
-from blobbench.synthetic import PROFILES, profile_batch
+from blobbench.bench.synthetic import PROFILES, profile_batch
 
 
 def copy_bandwidth(nbytes=2 << 30, reps=20):

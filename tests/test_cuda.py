@@ -1,4 +1,5 @@
-"""CUDA-only behaviour: no host sync with max_label, CUDA-graph capture, large label ranges."""
+"""CUDA-only behaviour: no host sync with max_label, CUDA-graph capture, large label ranges,
+per-plane compaction."""
 import numpy as np
 import pytest
 import torch
@@ -31,6 +32,37 @@ def test_max_label_means_no_host_sync(activation):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("max_label", [10**6, 2**62])
+def test_generous_max_label_under_the_budget_means_no_host_sync(max_label):
+    # A dense table while it fits the budget (docs/design.md 5.2): still no sync. 2**62 is
+    # beyond any budget, so that case compacts and must sync: it is the control.
+    x, instances = _case(5, shape=(2, 1, 16, 32, 32))
+    x.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if max_label > 10**6:
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                blob_dice(x, instances, max_label=max_label)
+            return
+        loss = blob_dice(x, instances, max_label=max_label)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = loss_and_grad(blob_dice, x.detach().cpu(), instances.cpu())
+    assert rel_err(loss.cpu(), want[0]) <= 1e-5 and rel_err(x.grad.cpu(), want[1]) <= 1e-4
+
+
+def test_per_plane_compaction_matches_cpu():
+    rng = np.random.default_rng(8)
+    instances = random_instances(rng, (4, 2, 6, 20, 20), 8, sparse_ids=True, empty_prob=0.1,
+                                 dtype=torch.int64) * 1_000_003
+    x = torch.randn(instances.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    want = loss_and_grad(blob_dice, x, instances)
+    got = loss_and_grad(blob_dice, x.cuda(), instances.cuda())
+    assert rel_err(got[0], want[0]) <= 1e-12 and rel_err(got[1], want[1]) <= 1e-10
 
 
 def test_cuda_graph_capture_and_replay():

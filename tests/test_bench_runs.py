@@ -11,7 +11,7 @@ import pytest
 from blobbench.bench import bench, cli
 from blobbench.bench.cli import main
 from blobbench.bench.compare import compare_runs
-from blobbench.bench.noise import noise_reasons, remeasure_noisy, summarize_times
+from blobbench.bench.noise import noise_reasons, remeasure_noisy, remeasure_proxy, summarize_times
 from blobbench.bench.report import _decade_below, plot_report, readme_block, update_readme
 from blobbench.bench.runs import new_run_dir, resolve_result, update_latest
 from blobbench.bench.synthetic import grid_instances
@@ -119,6 +119,20 @@ def test_clean_runs_are_not_remeasured():
     cases, ms = _sweep([1.0, 2.0, 4.0, 8.0])
     out = remeasure_noisy(ms, cases, lambda *a: pytest.fail("measured again"), retries=2)
     assert all(m["noisy"] == [] for m in out)
+
+
+def test_proxy_remeasured_while_noisy():
+    seq = iter([{"status": "ok", "ratio": 3.4, "rel_iqr": 0.8}, {"status": "ok", "ratio": 1.9, "rel_iqr": 0.05},
+                {"status": "ok", "ratio": 9.9, "rel_iqr": 0.9}])
+    p = remeasure_proxy(lambda: next(seq), threshold=0.25, retries=2)
+    assert p["ratio"] == 1.9 and p["noisy"] == [] and [a["ratio"] for a in p["attempts"]] == [3.4]
+    seq = iter([{"status": "ok", "ratio": 3.4, "rel_iqr": 0.8}, {"status": "ok", "ratio": 2.0, "rel_iqr": 0.9},
+                {"status": "ok", "ratio": 2.5, "rel_iqr": 0.5}])
+    p = remeasure_proxy(lambda: next(seq), threshold=0.25, retries=2)
+    assert p["ratio"] == 2.5 and p["noisy"] and len(p["attempts"]) == 2
+    seq = iter([{"status": "ok", "ratio": 3.4, "rel_iqr": 0.8}, {"status": "error", "error": "boom"}])
+    p = remeasure_proxy(lambda: next(seq), threshold=0.25, retries=2)
+    assert p["status"] == "error" and cli.run_errors({"measurements": [], "host_proxy": p})
 
 
 # ----------------------------------------------------------------------------- run folders

@@ -242,7 +242,7 @@ def run_bench(args) -> dict:
     from tqdm.auto import tqdm
 
     from . import bench
-    from .noise import load, remeasure_noisy
+    from .noise import load, remeasure_noisy, remeasure_proxy
     from .report import plot_report, print_report, ratios
     from .runs import git_revision, machine_slug, new_run_dir, run_id, update_latest
 
@@ -300,17 +300,8 @@ def run_bench(args) -> dict:
             threshold=args.noise_threshold, factor=args.outlier_factor, retries=args.remeasure, progress=again)
         proxy = None
         if not args.no_proxy:
-            proxy = runner.proxy()
-            for _ in range(args.remeasure):
-                if proxy.get("status") != "ok" or proxy["rel_iqr"] <= args.noise_threshold:
-                    break
-                again({"case": "host cost proxy", "impl": "fused", "device": "cpu"},
-                      [f"spread IQR/median {proxy['rel_iqr']:.2f}"])
-                proxy = runner.proxy() | {"attempts": proxy.get("attempts", []) + [
-                    {k: proxy[k] for k in ("ratio", "rel_iqr", "ratio_q1", "ratio_q3")}]}
-            if proxy.get("status") == "ok":
-                proxy["noisy"] = ([f"spread IQR/median {proxy['rel_iqr']:.2f} > {args.noise_threshold:g}"]
-                                  if proxy["rel_iqr"] > args.noise_threshold else [])
+            proxy = remeasure_proxy(runner.proxy, threshold=args.noise_threshold, retries=args.remeasure,
+                                    progress=again)
     result = {
         "run": {"id": out.name, "revision": revision, "started_utc": time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.perf_counter() - t_start))),

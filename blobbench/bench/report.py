@@ -89,7 +89,9 @@ def host_proxy_line(proxy) -> str:
             f"[IQR {proxy['ratio_q1']:.2f}-{proxy['ratio_q3']:.2f}, min-max {proxy['ratio_min']:.2f}-"
             f"{proxy['ratio_max']:.2f}] ({proxy['fused_median_s'] * 1e6:.1f} us against "
             f"{proxy['sum_backward_median_s'] * 1e6:.1f} us; medians of {proxy['reps']} interleaved reps of "
-            f"{proxy['inner']} calls; target: at most 2x)")
+            f"{proxy['inner']} calls; target: at most 2x)"
+            + (f" ! noisy: {'; '.join(proxy['noisy'])}" if proxy.get("noisy") else "")
+            + (f" (measured {len(proxy['attempts']) + 1} times)" if proxy.get("attempts") else ""))
 
 
 def _load(v):

@@ -15,6 +15,7 @@ without running them. They enforce the same argument rules as the C++ checks
 (``check_tensors`` / ``check_inputs`` / ``check_backward_args`` in ``csrc/blob_ops.cpp``), with
 the same messages; ``tests/test_edge_cases.py`` holds the two to each other.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,10 +45,18 @@ def _dense_for_bound(max_label: int, planes: int, voxels_per_plane: int) -> bool
 
 # c10's names of the dtypes, as the C++ messages print them.
 _C10_NAMES = {
-    torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
-    torch.float64: "Double", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
-    torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
-    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.uint8: "Byte",
+    torch.int8: "Char",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
 }
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LABELS = (torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -63,30 +72,36 @@ def _shape(t) -> str:
 
 def _check_tensors(input, instances, op):
     if input.dtype not in _FLOATS:
-        raise TypeError(f"{op}: `input` must be a float16, bfloat16, float32 or float64 tensor, "
-                        f"got {_name(input.dtype)}")
+        raise TypeError(
+            f"{op}: `input` must be a float16, bfloat16, float32 or float64 tensor, got {_name(input.dtype)}"
+        )
     if instances.dtype not in _LABELS:
-        raise TypeError(f"{op}: `instances` must hold integer instance ids (uint8, int16, int32 "
-                        f"or int64), got {_name(instances.dtype)}; label a mask with "
-                        f"blobbench.label_instances() or cast ids with .long()")
+        raise TypeError(
+            f"{op}: `instances` must hold integer instance ids (uint8, int16, int32 "
+            f"or int64), got {_name(instances.dtype)}; label a mask with "
+            f"blobbench.label_instances() or cast ids with .long()"
+        )
     if not 3 <= input.dim() <= 5:
-        raise ValueError(f"{op}: `input` must have shape (B, C, *spatial) with 1 to 3 spatial "
-                         f"dims, got shape {_shape(input)}")
+        raise ValueError(
+            f"{op}: `input` must have shape (B, C, *spatial) with 1 to 3 spatial dims, got shape {_shape(input)}"
+        )
     if instances.shape != input.shape:
-        raise ValueError(f"{op}: `instances` must have the shape of `input` (B, C, *spatial), "
-                         f"got instances {_shape(instances)} and input {_shape(input)}")
+        raise ValueError(
+            f"{op}: `instances` must have the shape of `input` (B, C, *spatial), "
+            f"got instances {_shape(instances)} and input {_shape(input)}"
+        )
     if instances.device != input.device:
-        raise ValueError(f"{op}: `input` and `instances` must be on the same device, got input "
-                         f"on {input.device} and instances on {instances.device}")
+        raise ValueError(
+            f"{op}: `input` and `instances` must be on the same device, got input "
+            f"on {input.device} and instances on {instances.device}"
+        )
     if input.numel() == 0:
-        raise ValueError(f"{op}: `input` must not be empty (an empty batch has no loss), got "
-                         f"shape {_shape(input)}")
+        raise ValueError(f"{op}: `input` must not be empty (an empty batch has no loss), got shape {_shape(input)}")
 
 
 def _check_activation(activation, op):
     if activation not in ("sigmoid", "softmax", "none"):
-        raise ValueError(f'{op}: `activation` must be one of "sigmoid", "softmax" or "none", '
-                         f'got "{activation}"')
+        raise ValueError(f'{op}: `activation` must be one of "sigmoid", "softmax" or "none", got "{activation}"')
 
 
 def _check_inputs(input, instances, activation, masking, max_label, op):
@@ -94,16 +109,21 @@ def _check_inputs(input, instances, activation, masking, max_label, op):
     if masking not in ("paper", "official"):
         raise ValueError(f'{op}: `masking` must be "paper" or "official", got "{masking}"')
     if masking == "official" and activation == "softmax":
-        raise ValueError(f'{op}: masking="official" is only defined for activation "sigmoid" or '
-                         f'"none" (the published code masks sigmoid logits); use masking="paper" '
-                         f'with softmax')
+        raise ValueError(
+            f'{op}: masking="official" is only defined for activation "sigmoid" or '
+            f'"none" (the published code masks sigmoid logits); use masking="paper" '
+            f"with softmax"
+        )
     _check_tensors(input, instances, op)
     if activation == "softmax" and input.shape[1] < 2:
-        raise ValueError(f'{op}: activation="softmax" needs at least 2 channels (channel 0 is '
-                         f'the background class), got C = {input.shape[1]}')
+        raise ValueError(
+            f'{op}: activation="softmax" needs at least 2 channels (channel 0 is '
+            f"the background class), got C = {input.shape[1]}"
+        )
     if max_label < -1:
-        raise ValueError(f"{op}: `max_label` must be -1 (find it) or an upper bound >= 0 on the "
-                         f"instance ids, got {max_label}")
+        raise ValueError(
+            f"{op}: `max_label` must be -1 (find it) or an upper bound >= 0 on the instance ids, got {max_label}"
+        )
 
 
 def _loss_dtype(dtype):
@@ -128,28 +148,52 @@ def _forward_fake(op, input, instances, activation, masking, max_label):
 
 
 @torch.library.register_fake("blob::_dice_forward")
-def _dice_forward_fake(input, instances, alpha, beta, activation, masking, squared_pred,
-                       smooth_nr, smooth_dr, max_label):
+def _dice_forward_fake(
+    input, instances, alpha, beta, activation, masking, squared_pred, smooth_nr, smooth_dr, max_label
+):
     return _forward_fake("blob.dice", input, instances, activation, masking, max_label)
 
 
 @torch.library.register_fake("blob::_tversky_forward")
-def _tversky_forward_fake(input, instances, alpha, beta, activation, masking, fp_weight,
-                          fn_weight, smooth_nr, smooth_dr, max_label):
+def _tversky_forward_fake(
+    input, instances, alpha, beta, activation, masking, fp_weight, fn_weight, smooth_nr, smooth_dr, max_label
+):
     return _forward_fake("blob.tversky", input, instances, activation, masking, max_label)
 
 
 @torch.library.register_fake("blob::dice")
-def _dice_fake(input, instances, alpha=2.0, beta=1.0, *, activation="sigmoid", masking="paper",
-               squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5, max_label=-1):
+def _dice_fake(
+    input,
+    instances,
+    alpha=2.0,
+    beta=1.0,
+    *,
+    activation="sigmoid",
+    masking="paper",
+    squared_pred=False,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    max_label=-1,
+):
     _check_inputs(input, instances, activation, masking, max_label, "blob.dice")
     return input.new_empty((), dtype=_loss_dtype(input.dtype))
 
 
 @torch.library.register_fake("blob::tversky")
-def _tversky_fake(input, instances, alpha=2.0, beta=1.0, *, activation="sigmoid",
-                  masking="paper", fp_weight=0.3, fn_weight=0.7, smooth_nr=1e-5, smooth_dr=1e-5,
-                  max_label=-1):
+def _tversky_fake(
+    input,
+    instances,
+    alpha=2.0,
+    beta=1.0,
+    *,
+    activation="sigmoid",
+    masking="paper",
+    fp_weight=0.3,
+    fn_weight=0.7,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    max_label=-1,
+):
     _check_inputs(input, instances, activation, masking, max_label, "blob.tversky")
     return input.new_empty((), dtype=_loss_dtype(input.dtype))
 
@@ -158,41 +202,49 @@ def _backward_fake(op, grad, input, instances, coef, label_ids, activation):
     _check_activation(activation, op)
     _check_tensors(input, instances, op)
     if grad.numel() != 1 or not grad.dtype.is_floating_point:
-        raise ValueError(f"{op}: `grad` must be a floating scalar (the gradient of the loss), got "
-                         f"shape {_shape(grad)} {_name(grad.dtype)}")
+        raise ValueError(
+            f"{op}: `grad` must be a floating scalar (the gradient of the loss), got "
+            f"shape {_shape(grad)} {_name(grad.dtype)}"
+        )
     B, C = input.shape[:2]
-    if (coef.dim() != 4 or coef.shape[0] != B or coef.shape[1] != C or coef.shape[3] != _NUM_COEF
-            or coef.dtype != torch.float64):
-        raise ValueError(f"{op}: `coef` must be the (B, C, K, 2) float64 table of the forward op, "
-                         f"got {_shape(coef)} {_name(coef.dtype)}")
-    if (label_ids.dim() != 3 or label_ids.shape[0] != B or label_ids.shape[1] != C
-            or label_ids.dtype != instances.dtype):
-        raise ValueError(f"{op}: `label_ids` must be the (B, C, K) or (B, C, 0) ids of the forward "
-                         f"op, of `instances`' dtype, got {_shape(label_ids)} "
-                         f"{_name(label_ids.dtype)}")
+    if (
+        coef.dim() != 4
+        or coef.shape[0] != B
+        or coef.shape[1] != C
+        or coef.shape[3] != _NUM_COEF
+        or coef.dtype != torch.float64
+    ):
+        raise ValueError(
+            f"{op}: `coef` must be the (B, C, K, 2) float64 table of the forward op, "
+            f"got {_shape(coef)} {_name(coef.dtype)}"
+        )
+    if label_ids.dim() != 3 or label_ids.shape[0] != B or label_ids.shape[1] != C or label_ids.dtype != instances.dtype:
+        raise ValueError(
+            f"{op}: `label_ids` must be the (B, C, K) or (B, C, 0) ids of the forward "
+            f"op, of `instances`' dtype, got {_shape(label_ids)} "
+            f"{_name(label_ids.dtype)}"
+        )
     for t in (grad, coef, label_ids):
         if t.device != input.device:
-            raise ValueError(f"{op}: `grad`, `coef` and `label_ids` must be on `input`'s device "
-                             f"({input.device}), got {t.device}")
+            raise ValueError(
+                f"{op}: `grad`, `coef` and `label_ids` must be on `input`'s device ({input.device}), got {t.device}"
+            )
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("blob::_dice_backward")
 def _dice_backward_fake(grad, input, instances, coef, label_ids, activation, squared_pred):
-    return _backward_fake("blob.dice (backward)", grad, input, instances, coef, label_ids,
-                          activation)
+    return _backward_fake("blob.dice (backward)", grad, input, instances, coef, label_ids, activation)
 
 
 @torch.library.register_fake("blob::_tversky_backward")
 def _tversky_backward_fake(grad, input, instances, coef, label_ids, activation):
-    return _backward_fake("blob.tversky (backward)", grad, input, instances, coef, label_ids,
-                          activation)
+    return _backward_fake("blob.tversky (backward)", grad, input, instances, coef, label_ids, activation)
 
 
 @torch.library.register_fake("blob::label_stats")
 def _label_stats_fake(input, instances, *, activation="sigmoid", squared_pred=False, max_label=-1):
-    _, coef, label_ids = _forward_fake("blob.label_stats", input, instances, activation, "paper",
-                                       max_label)
+    _, coef, label_ids = _forward_fake("blob.label_stats", input, instances, activation, "paper", max_label)
     return input.new_empty((*coef.shape[:3], _NUM_STATS), dtype=torch.float64), label_ids
 
 
@@ -214,22 +266,20 @@ def _setup_context(ctx, inputs, output):
 
 def _dice_forward_backward(ctx, grad_loss, _grad_coef, _grad_ids):
     input, instances, coef, label_ids = ctx.saved_tensors
-    grad_input = torch.ops.blob._dice_backward(grad_loss, input, instances, coef, label_ids,
-                                               ctx.activation, ctx.squared_pred)
+    grad_input = torch.ops.blob._dice_backward(
+        grad_loss, input, instances, coef, label_ids, ctx.activation, ctx.squared_pred
+    )
     return (grad_input,) + (None,) * 9
 
 
 def _tversky_forward_backward(ctx, grad_loss, _grad_coef, _grad_ids):
     input, instances, coef, label_ids = ctx.saved_tensors
-    grad_input = torch.ops.blob._tversky_backward(grad_loss, input, instances, coef, label_ids,
-                                                  ctx.activation)
+    grad_input = torch.ops.blob._tversky_backward(grad_loss, input, instances, coef, label_ids, ctx.activation)
     return (grad_input,) + (None,) * 10
 
 
-torch.library.register_autograd("blob::_dice_forward", _dice_forward_backward,
-                                setup_context=_setup_context)
-torch.library.register_autograd("blob::_tversky_forward", _tversky_forward_backward,
-                                setup_context=_setup_context)
+torch.library.register_autograd("blob::_dice_forward", _dice_forward_backward, setup_context=_setup_context)
+torch.library.register_autograd("blob::_tversky_forward", _tversky_forward_backward, setup_context=_setup_context)
 
 
 def has_cuda_kernels() -> bool:

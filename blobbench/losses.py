@@ -14,6 +14,7 @@ where Omega_k is every voxel except those of the other instances of the same cha
 operators compute all instance terms in one pass over the voxels (``torch.ops.blob.dice`` /
 ``torch.ops.blob.tversky``), so the cost no longer grows with the number of instances.
 """
+
 from __future__ import annotations
 
 import torch
@@ -90,12 +91,29 @@ def blob_dice(
     if torch.compiler.is_compiling():
         # Traceable for any label range: the private forward op exposes the table's size.
         return _DICE_FORWARD(
-            input, instances, float(alpha), float(beta), activation, masking, bool(squared_pred),
-            float(smooth_nr), float(smooth_dr), _max_label_arg(max_label))[0]
+            input,
+            instances,
+            float(alpha),
+            float(beta),
+            activation,
+            masking,
+            bool(squared_pred),
+            float(smooth_nr),
+            float(smooth_dr),
+            _max_label_arg(max_label),
+        )[0]
     return _DICE(
-        input, instances, float(alpha), float(beta), activation=activation, masking=masking,
-        squared_pred=bool(squared_pred), smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr),
-        max_label=_max_label_arg(max_label))
+        input,
+        instances,
+        float(alpha),
+        float(beta),
+        activation=activation,
+        masking=masking,
+        squared_pred=bool(squared_pred),
+        smooth_nr=float(smooth_nr),
+        smooth_dr=float(smooth_dr),
+        max_label=_max_label_arg(max_label),
+    )
 
 
 def blob_tversky(
@@ -122,12 +140,31 @@ def blob_tversky(
     """
     if torch.compiler.is_compiling():
         return _TVERSKY_FORWARD(
-            input, instances, float(alpha), float(beta), activation, masking, float(fp_weight),
-            float(fn_weight), float(smooth_nr), float(smooth_dr), _max_label_arg(max_label))[0]
+            input,
+            instances,
+            float(alpha),
+            float(beta),
+            activation,
+            masking,
+            float(fp_weight),
+            float(fn_weight),
+            float(smooth_nr),
+            float(smooth_dr),
+            _max_label_arg(max_label),
+        )[0]
     return _TVERSKY(
-        input, instances, float(alpha), float(beta), activation=activation, masking=masking,
-        fp_weight=float(fp_weight), fn_weight=float(fn_weight), smooth_nr=float(smooth_nr),
-        smooth_dr=float(smooth_dr), max_label=_max_label_arg(max_label))
+        input,
+        instances,
+        float(alpha),
+        float(beta),
+        activation=activation,
+        masking=masking,
+        fp_weight=float(fp_weight),
+        fn_weight=float(fn_weight),
+        smooth_nr=float(smooth_nr),
+        smooth_dr=float(smooth_dr),
+        max_label=_max_label_arg(max_label),
+    )
 
 
 _ACTIVATIONS = ("sigmoid", "softmax", "none")
@@ -154,9 +191,18 @@ class BlobDiceLoss(nn.Module):
         >>> loss = loss_fn(logits, instances)
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, *, activation: str = "sigmoid",
-                 masking: str = "paper", squared_pred: bool = False, smooth_nr: float = 1e-5,
-                 smooth_dr: float = 1e-5, max_label: int | None = None):
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        *,
+        activation: str = "sigmoid",
+        masking: str = "paper",
+        squared_pred: bool = False,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        max_label: int | None = None,
+    ):
         super().__init__()
         _check_options(activation, masking)
         self.alpha, self.beta = float(alpha), float(beta)
@@ -167,22 +213,42 @@ class BlobDiceLoss(nn.Module):
         _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
-        return blob_dice(input, instances, self.alpha, self.beta, activation=self.activation,
-                         masking=self.masking, squared_pred=self.squared_pred,
-                         smooth_nr=self.smooth_nr, smooth_dr=self.smooth_dr,
-                         max_label=self.max_label)
+        return blob_dice(
+            input,
+            instances,
+            self.alpha,
+            self.beta,
+            activation=self.activation,
+            masking=self.masking,
+            squared_pred=self.squared_pred,
+            smooth_nr=self.smooth_nr,
+            smooth_dr=self.smooth_dr,
+            max_label=self.max_label,
+        )
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, activation={self.activation!r}, "
-                f"masking={self.masking!r}, squared_pred={self.squared_pred}")
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, activation={self.activation!r}, "
+            f"masking={self.masking!r}, squared_pred={self.squared_pred}"
+        )
 
 
 class BlobTverskyLoss(nn.Module):
     """Blob Tversky loss as a module; see :func:`blob_tversky` (paper defaults 0.3 / 0.7)."""
 
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, *, fp_weight: float = 0.3,
-                 fn_weight: float = 0.7, activation: str = "sigmoid", masking: str = "paper",
-                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, max_label: int | None = None):
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        *,
+        fp_weight: float = 0.3,
+        fn_weight: float = 0.7,
+        activation: str = "sigmoid",
+        masking: str = "paper",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        max_label: int | None = None,
+    ):
         super().__init__()
         _check_options(activation, masking)
         self.alpha, self.beta = float(alpha), float(beta)
@@ -193,11 +259,22 @@ class BlobTverskyLoss(nn.Module):
         _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
-        return blob_tversky(input, instances, self.alpha, self.beta, fp_weight=self.fp_weight,
-                            fn_weight=self.fn_weight, activation=self.activation,
-                            masking=self.masking, smooth_nr=self.smooth_nr,
-                            smooth_dr=self.smooth_dr, max_label=self.max_label)
+        return blob_tversky(
+            input,
+            instances,
+            self.alpha,
+            self.beta,
+            fp_weight=self.fp_weight,
+            fn_weight=self.fn_weight,
+            activation=self.activation,
+            masking=self.masking,
+            smooth_nr=self.smooth_nr,
+            smooth_dr=self.smooth_dr,
+            max_label=self.max_label,
+        )
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, fp_weight={self.fp_weight}, "
-                f"fn_weight={self.fn_weight}, activation={self.activation!r}, masking={self.masking!r}")
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, fp_weight={self.fp_weight}, "
+            f"fn_weight={self.fn_weight}, activation={self.activation!r}, masking={self.masking!r}"
+        )

@@ -1,15 +1,18 @@
 """CUDA-only behaviour: no host sync with max_label, CUDA-graph capture, large label ranges,
 per-plane compaction."""
+
 import numpy as np
 import pytest
 import torch
-
-from blobbench import blob_dice
 from conftest import HAVE_CUDA
 from helpers import loss_and_grad, random_instances, rel_err
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device and a CUDA build of blobbench")]
+from blobbench import blob_dice
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device and a CUDA build of blobbench"),
+]
 
 
 def _case(seed=0, shape=(2, 1, 16, 48, 48), blobs=25):
@@ -57,8 +60,9 @@ def test_generous_max_label_under_the_budget_means_no_host_sync(max_label):
 
 def test_per_plane_compaction_matches_cpu():
     rng = np.random.default_rng(8)
-    instances = random_instances(rng, (4, 2, 6, 20, 20), 8, sparse_ids=True, empty_prob=0.1,
-                                 dtype=torch.int64) * 1_000_003
+    instances = (
+        random_instances(rng, (4, 2, 6, 20, 20), 8, sparse_ids=True, empty_prob=0.1, dtype=torch.int64) * 1_000_003
+    )
     x = torch.randn(instances.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     want = loss_and_grad(blob_dice, x, instances)
     got = loss_and_grad(blob_dice, x.cuda(), instances.cuda())

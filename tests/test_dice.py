@@ -1,15 +1,15 @@
 """The fused blob Dice / Tversky operators against the paper's loop with MONAI's losses."""
+
 import os
 
 import numpy as np
 import pytest
 import torch
-
-import blobbench
-from blobbench import (blob_dice, blob_tversky, naive_blob_dice, naive_blob_tversky,
-                       vectorized_blob_loss)
 from conftest import devices
 from helpers import LABEL_DTYPES, loss_and_grad, random_case, random_instances, rel_err
+
+import blobbench
+from blobbench import blob_dice, blob_tversky, naive_blob_dice, naive_blob_tversky, vectorized_blob_loss
 
 # Tolerances of the issue: loss / gradient, relative, against the float64 oracle.
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-8)}
@@ -103,8 +103,7 @@ def test_autocast_gives_a_float32_loss_and_input_dtype_gradient(device, dtype):
     assert logits.dtype == dtype and loss.dtype == torch.float32
     (grad,) = torch.autograd.grad(loss, logits)
     assert grad.dtype == dtype
-    want_loss, want_grad = loss_and_grad(naive_blob_dice, logits.detach().double(),
-                                         instances.cpu(), 2.0, 1.0)
+    want_loss, want_grad = loss_and_grad(naive_blob_dice, logits.detach().double(), instances.cpu(), 2.0, 1.0)
     assert rel_err(loss.cpu(), want_loss) <= TOL[torch.float32][0]
     assert rel_err(grad.cpu(), want_grad) <= 2e-2
 
@@ -136,8 +135,7 @@ def test_non_contiguous_inputs(device):
 @devices
 def test_sparse_large_ids_are_compacted(device):
     rng = np.random.default_rng(11)
-    instances = random_instances(rng, (2, 1, 6, 10, 10), 5, sparse_ids=True, empty_prob=0.0,
-                                 dtype=torch.int64)
+    instances = random_instances(rng, (2, 1, 6, 10, 10), 5, sparse_ids=True, empty_prob=0.0, dtype=torch.int64)
     assert instances.max() > blobbench.dense_label_limit(600)
     x = torch.randn(instances.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     want = _oracle(x, instances, 2.0, 1.0, {})
@@ -177,10 +175,18 @@ def test_gradcheck_float64(device):
         x = x.to(device).requires_grad_(True)
         inst = instances.to(device)
         assert torch.autograd.gradcheck(
-            lambda t: blob_dice(t, inst, alpha, beta, **options), (x,), eps=1e-6, atol=1e-8)
+            lambda t, inst=inst, alpha=alpha, beta=beta, options=options: blob_dice(t, inst, alpha, beta, **options),
+            (x,),
+            eps=1e-6,
+            atol=1e-8,
+        )
         opts = {k: v for k, v in options.items() if k != "squared_pred"}
         assert torch.autograd.gradcheck(
-            lambda t: blob_tversky(t, inst, alpha, beta, **opts), (x,), eps=1e-6, atol=1e-8)
+            lambda t, inst=inst, alpha=alpha, beta=beta, opts=opts: blob_tversky(t, inst, alpha, beta, **opts),
+            (x,),
+            eps=1e-6,
+            atol=1e-8,
+        )
 
 
 @devices
@@ -189,32 +195,61 @@ def test_opcheck(device):
         x, instances, alpha, beta, options = random_case(seed)
         x = x.float().to(device).requires_grad_(True)
         inst = instances.to(device)
-        fwd_args = (x, inst, alpha, beta, options["activation"], options["masking"],
-                    options["squared_pred"], options["smooth_nr"], options["smooth_dr"])
+        fwd_args = (
+            x,
+            inst,
+            alpha,
+            beta,
+            options["activation"],
+            options["masking"],
+            options["squared_pred"],
+            options["smooth_nr"],
+            options["smooth_dr"],
+        )
         tv_opts = {k: v for k, v in options.items() if k != "squared_pred"}
         for max_label in (-1, int(instances.max()) + 3):
             torch.library.opcheck(torch.ops.blob._dice_forward.default, fwd_args + (max_label,))
-            torch.library.opcheck(torch.ops.blob.dice.default, (x, inst, alpha, beta),
-                                  dict(options, max_label=max_label))
-            torch.library.opcheck(torch.ops.blob.tversky.default, (x, inst, alpha, beta),
-                                  dict(tv_opts, max_label=max_label))
-            torch.library.opcheck(torch.ops.blob.label_stats.default, (x.detach(), inst),
-                                  dict(activation=options["activation"], max_label=max_label))
+            torch.library.opcheck(
+                torch.ops.blob.dice.default, (x, inst, alpha, beta), dict(options, max_label=max_label)
+            )
+            torch.library.opcheck(
+                torch.ops.blob.tversky.default, (x, inst, alpha, beta), dict(tv_opts, max_label=max_label)
+            )
+            torch.library.opcheck(
+                torch.ops.blob.label_stats.default,
+                (x.detach(), inst),
+                dict(activation=options["activation"], max_label=max_label),
+            )
         _, coef, ids = torch.ops.blob._dice_forward(*fwd_args, -1)
         grad = torch.tensor(1.5, device=device)
         # The backward ops are not differentiable (their own backward raises, see
         # test_edge_cases.py), so the AOT check, which differentiates them, is left out.
         no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
-        torch.library.opcheck(torch.ops.blob._dice_backward.default,
-                              (grad, x.detach(), inst, coef, ids, options["activation"],
-                               options["squared_pred"]), test_utils=no_aot)
-        tv_args = (x, inst, alpha, beta, options["activation"], options["masking"], 0.3, 0.7,
-                   options["smooth_nr"], options["smooth_dr"], -1)
+        torch.library.opcheck(
+            torch.ops.blob._dice_backward.default,
+            (grad, x.detach(), inst, coef, ids, options["activation"], options["squared_pred"]),
+            test_utils=no_aot,
+        )
+        tv_args = (
+            x,
+            inst,
+            alpha,
+            beta,
+            options["activation"],
+            options["masking"],
+            0.3,
+            0.7,
+            options["smooth_nr"],
+            options["smooth_dr"],
+            -1,
+        )
         torch.library.opcheck(torch.ops.blob._tversky_forward.default, tv_args)
         _, tv_coef, tv_ids = torch.ops.blob._tversky_forward(*tv_args)
-        torch.library.opcheck(torch.ops.blob._tversky_backward.default,
-                              (grad, x.detach(), inst, tv_coef, tv_ids, options["activation"]),
-                              test_utils=no_aot)
+        torch.library.opcheck(
+            torch.ops.blob._tversky_backward.default,
+            (grad, x.detach(), inst, tv_coef, tv_ids, options["activation"]),
+            test_utils=no_aot,
+        )
 
 
 @devices
@@ -225,8 +260,11 @@ def test_torch_compile_fullgraph_equals_eager(device, max_label, loss):
     rng = np.random.default_rng(2)
     instances = random_instances(rng, (2, 1, 6, 16, 16), 6, empty_prob=0.0).to(device)
     x = torch.randn(instances.shape, generator=torch.Generator().manual_seed(2)).to(device)
-    module = (blobbench.BlobDiceLoss(max_label=max_label) if loss == "dice"
-              else blobbench.BlobTverskyLoss(max_label=max_label))
+    module = (
+        blobbench.BlobDiceLoss(max_label=max_label)
+        if loss == "dice"
+        else blobbench.BlobTverskyLoss(max_label=max_label)
+    )
     compiled = torch.compile(module, fullgraph=True)
     eager = loss_and_grad(module, x, instances)
     comp = loss_and_grad(compiled, x, instances)
@@ -283,7 +321,7 @@ def test_cpu_isa_builds_agree(activation, tmp_path):
 
     script = f"""
 import numpy as np, torch, blobbench, sys
-sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
 from helpers import random_instances
 rng = np.random.default_rng(5)
 inst = random_instances(rng, (2, 3, 9, 33, 35), 12, empty_prob=0.0)

@@ -4,6 +4,7 @@ In the style of pytorch_scatter's ``test_zero_tensors``: each case is small and 
 checks. Answers are compared with the paper's loop (MONAI) or with the same loss on relabelled
 ids; errors must name the op and the argument.
 """
+
 import os
 import subprocess
 import sys
@@ -12,13 +13,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import devices
+from helpers import loss_and_grad, random_instances, rel_err
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import blobbench
 from blobbench import blob_dice, blob_tversky, naive_blob_dice
-from conftest import devices
-from helpers import loss_and_grad, random_instances, rel_err
 
 INT64_MAX = 2**63 - 1
 
@@ -34,8 +35,7 @@ def _case(device="cpu", shape=(2, 1, 4, 8, 8), dtype=torch.float64, seed=0):
 
 
 def _fwd(x, lab, max_label=-1, activation="sigmoid"):
-    return torch.ops.blob._dice_forward(x, lab, 2.0, 1.0, activation, "paper", False, 1e-5, 1e-5,
-                                        max_label)
+    return torch.ops.blob._dice_forward(x, lab, 2.0, 1.0, activation, "paper", False, 1e-5, 1e-5, max_label)
 
 
 # ---- 1. the backward ops validate what they read ------------------------------------------
@@ -44,38 +44,60 @@ def _fwd(x, lab, max_label=-1, activation="sigmoid"):
 def _backward_args(device="cpu"):
     x, lab = _case(device)
     _, coef, ids = _fwd(x, lab)
-    return dict(grad=torch.tensor(1.0, device=device), input=x, instances=lab, coef=coef,
-                label_ids=ids)
+    return dict(grad=torch.tensor(1.0, device=device), input=x, instances=lab, coef=coef, label_ids=ids)
 
 
 BAD_BACKWARD = {
     # the issue's case: a 4-element view of a larger buffer handed as `instances`
     "instances view of a larger buffer": (
         lambda a: dict(a, instances=torch.zeros(65536, dtype=torch.int64)[:4].view(1, 1, 2, 2)),
-        ValueError, r"`instances` must have the shape of `input`"),
-    "float instances": (lambda a: dict(a, instances=a["instances"].float()),
-                        TypeError, r"`instances` must hold integer instance ids"),
-    "label_ids of another dtype": (lambda a: dict(a, label_ids=a["label_ids"].int()),
-                                   ValueError, r"`label_ids` must be the \(B, C, K\)"),
-    "label_ids of another layout": (lambda a: dict(a, label_ids=a["instances"].new_empty(0)),
-                                    ValueError, r"`label_ids` must be the \(B, C, K\)"),
-    "coef of another batch": (lambda a: dict(a, coef=a["coef"][:1]),
-                              ValueError, r"`coef` must be the \(B, C, K, 2\) float64 table"),
-    "coef in float32": (lambda a: dict(a, coef=a["coef"].float()),
-                        ValueError, r"`coef` must be the \(B, C, K, 2\) float64 table"),
-    "grad not a scalar": (lambda a: dict(a, grad=torch.ones(2, dtype=torch.float64)),
-                          ValueError, r"`grad` must be a floating scalar"),
-    "empty input": (lambda a: dict(a, input=a["input"][:0], instances=a["instances"][:0]),
-                    ValueError, r"`input` must not be empty"),
+        ValueError,
+        r"`instances` must have the shape of `input`",
+    ),
+    "float instances": (
+        lambda a: dict(a, instances=a["instances"].float()),
+        TypeError,
+        r"`instances` must hold integer instance ids",
+    ),
+    "label_ids of another dtype": (
+        lambda a: dict(a, label_ids=a["label_ids"].int()),
+        ValueError,
+        r"`label_ids` must be the \(B, C, K\)",
+    ),
+    "label_ids of another layout": (
+        lambda a: dict(a, label_ids=a["instances"].new_empty(0)),
+        ValueError,
+        r"`label_ids` must be the \(B, C, K\)",
+    ),
+    "coef of another batch": (
+        lambda a: dict(a, coef=a["coef"][:1]),
+        ValueError,
+        r"`coef` must be the \(B, C, K, 2\) float64 table",
+    ),
+    "coef in float32": (
+        lambda a: dict(a, coef=a["coef"].float()),
+        ValueError,
+        r"`coef` must be the \(B, C, K, 2\) float64 table",
+    ),
+    "grad not a scalar": (
+        lambda a: dict(a, grad=torch.ones(2, dtype=torch.float64)),
+        ValueError,
+        r"`grad` must be a floating scalar",
+    ),
+    "empty input": (
+        lambda a: dict(a, input=a["input"][:0], instances=a["instances"][:0]),
+        ValueError,
+        r"`input` must not be empty",
+    ),
 }
 
 
 def _call_backward(op, a):
     if op == "dice":
-        return torch.ops.blob._dice_backward(a["grad"], a["input"], a["instances"], a["coef"],
-                                             a["label_ids"], "sigmoid", False)
-    return torch.ops.blob._tversky_backward(a["grad"], a["input"], a["instances"], a["coef"],
-                                            a["label_ids"], "sigmoid")
+        return torch.ops.blob._dice_backward(
+            a["grad"], a["input"], a["instances"], a["coef"], a["label_ids"], "sigmoid", False
+        )
+    return torch.ops.blob._tversky_backward(a["grad"], a["input"], a["instances"], a["coef"], a["label_ids"], "sigmoid")
 
 
 @pytest.mark.parametrize("op", ["dice", "tversky"])
@@ -87,8 +109,10 @@ def test_backward_ops_validate_every_argument(op, case):
         _call_backward(op, args)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and blobbench.has_cuda_kernels()),
-                    reason="needs a CUDA device and a CUDA build of blobbench")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and blobbench.has_cuda_kernels()),
+    reason="needs a CUDA device and a CUDA build of blobbench",
+)
 @pytest.mark.cuda
 def test_backward_ops_reject_tensors_on_other_devices():
     a = _backward_args("cuda")
@@ -100,18 +124,21 @@ def test_backward_ops_reject_tensors_on_other_devices():
 # ---- 1 and 9. the fake kernels enforce the same rules as the C++ checks -------------------
 
 BAD_FORWARD = {
-    "float instances": lambda x, l: (x, l.float(), {}),
-    "integer input": lambda x, l: (x.int(), l, {}),
-    "too few dims": lambda x, l: (x[:, :, 0, 0, 0], l[:, :, 0, 0, 0], {}),
-    "shape mismatch": lambda x, l: (x, l[:, :, :3], {}),
-    "empty batch": lambda x, l: (x[:0], l[:0], {}),
-    "empty spatial dim": lambda x, l: (x[:, :, :0], l[:, :, :0], {}),
-    "softmax with one channel": lambda x, l: (x, l, dict(activation="softmax")),
-    "official masking with softmax": lambda x, l: (
-        torch.cat([x, x], 1), torch.cat([l, l], 1), dict(activation="softmax", masking="official")),
-    "unknown activation": lambda x, l: (x, l, dict(activation="relu")),
-    "unknown masking": lambda x, l: (x, l, dict(masking="exact")),
-    "max_label below -1": lambda x, l: (x, l, dict(max_label=-2)),
+    "float instances": lambda x, lab: (x, lab.float(), {}),
+    "integer input": lambda x, lab: (x.int(), lab, {}),
+    "too few dims": lambda x, lab: (x[:, :, 0, 0, 0], lab[:, :, 0, 0, 0], {}),
+    "shape mismatch": lambda x, lab: (x, lab[:, :, :3], {}),
+    "empty batch": lambda x, lab: (x[:0], lab[:0], {}),
+    "empty spatial dim": lambda x, lab: (x[:, :, :0], lab[:, :, :0], {}),
+    "softmax with one channel": lambda x, lab: (x, lab, dict(activation="softmax")),
+    "official masking with softmax": lambda x, lab: (
+        torch.cat([x, x], 1),
+        torch.cat([lab, lab], 1),
+        dict(activation="softmax", masking="official"),
+    ),
+    "unknown activation": lambda x, lab: (x, lab, dict(activation="relu")),
+    "unknown masking": lambda x, lab: (x, lab, dict(masking="exact")),
+    "max_label below -1": lambda x, lab: (x, lab, dict(max_label=-2)),
 }
 
 
@@ -130,9 +157,11 @@ def test_fake_kernels_raise_what_the_kernels_raise(op, case):
     x, lab, kw = BAD_FORWARD[case](x, lab)
     if op == "label_stats" and "masking" in kw:
         pytest.skip("label_stats has no masking")
-    call = {"dice": lambda a, b: torch.ops.blob.dice(a, b, **kw),
-            "tversky": lambda a, b: torch.ops.blob.tversky(a, b, **kw),
-            "label_stats": lambda a, b: torch.ops.blob.label_stats(a, b, **kw)}[op]
+    call = {
+        "dice": lambda a, b: torch.ops.blob.dice(a, b, **kw),
+        "tversky": lambda a, b: torch.ops.blob.tversky(a, b, **kw),
+        "label_stats": lambda a, b: torch.ops.blob.label_stats(a, b, **kw),
+    }[op]
     real = _error_of(lambda: call(x, lab))
     assert real is not None, "the kernel accepted a bad input"
     with FakeTensorMode(shape_env=ShapeEnv()) as mode:
@@ -145,8 +174,9 @@ def test_empty_batch_fails_when_traced_not_at_run_time():
     # The C++ checks reject B = 0; the fakes must too, so a compiled graph cannot trace and
     # then fail at run time.
     x, lab = _case()
-    with pytest.raises((ValueError, torch._dynamo.exc.TorchRuntimeError),
-                       match=r"blob\.dice: `input` must not be empty"):
+    with pytest.raises(
+        (ValueError, torch._dynamo.exc.TorchRuntimeError), match=r"blob\.dice: `input` must not be empty"
+    ):
         torch.compile(lambda a, b: blob_dice(a, b, max_label=3), fullgraph=True)(x[:0], lab[:0])
 
 
@@ -172,8 +202,11 @@ def test_largest_int64_max_label_with_small_ids(device):
 
 def test_max_label_zero_rejects_id_one():
     x, lab = _case()
-    with pytest.raises(ValueError, match=r"blob\.dice: `instances` holds an id outside \[0, "
-                                         r"max_label\] \(max_label = 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"blob\.dice: `instances` holds an id outside \[0, "
+        r"max_label\] \(max_label = 0\)",
+    ):
         blob_dice(x, lab.clamp(max=1), max_label=0)
     # and with only background it is a valid bound
     assert torch.isfinite(blob_dice(x, torch.zeros_like(lab), max_label=0))
@@ -229,8 +262,7 @@ def test_compaction_sizes_tables_per_plane():
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 def test_per_plane_compaction_matches_the_loop(activation):
     rng = np.random.default_rng(11)
-    lab = random_instances(rng, (3, 2, 5, 9, 9), 5, sparse_ids=True, empty_prob=0.2,
-                           dtype=torch.int64)
+    lab = random_instances(rng, (3, 2, 5, 9, 9), 5, sparse_ids=True, empty_prob=0.2, dtype=torch.int64)
     lab = lab * 1_000_003  # far above any dense table
     x = torch.randn(lab.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     want = loss_and_grad(naive_blob_dice, x, lab, 2.0, 1.0, activation=activation)
@@ -264,8 +296,9 @@ def test_cpu_scratch_does_not_grow_with_threads():
     # One plane with a dense table of 2^20 labels (25 MB of sums, 17 MB of coefficients). Before
     # the bound, each of 8 workers allocated its own 25 MB table (~200 MB of scratch).
     def peak(threads):
-        out = subprocess.run([sys.executable, "-c", _SCRATCH_PROBE, str(threads)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _SCRATCH_PROBE, str(threads)], capture_output=True, text=True, check=True
+        )
         return int(out.stdout.strip().splitlines()[-1])
 
     table = (1 << 20) * 3 * 8
@@ -314,10 +347,14 @@ def test_label_stats_errors_name_label_stats():
 
 def test_tversky_backward_names_itself():
     a = _backward_args()
-    _, coef, ids = torch.ops.blob._tversky_forward(a["input"], a["instances"], 2.0, 1.0,
-                                                   "sigmoid", "paper", 0.3, 0.7, 1e-5, 1e-5, -1)
+    _, coef, ids = torch.ops.blob._tversky_forward(
+        a["input"], a["instances"], 2.0, 1.0, "sigmoid", "paper", 0.3, 0.7, 1e-5, 1e-5, -1
+    )
     bad = a["instances"].clone()
     bad[0, 0, 0, 0, 0] = 40
-    with pytest.raises(ValueError, match=r"^blob\.tversky \(backward\): `instances` holds an id "
-                                         r"outside the coefficient table"):
+    with pytest.raises(
+        ValueError,
+        match=r"^blob\.tversky \(backward\): `instances` holds an id "
+        r"outside the coefficient table",
+    ):
         torch.ops.blob._tversky_backward(a["grad"], a["input"], bad, coef, ids, "sigmoid")

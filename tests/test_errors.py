@@ -1,10 +1,11 @@
 """Every error message of the blob loss operators."""
+
 import pytest
 import torch
+from conftest import devices
 
 import blobbench
 from blobbench import blob_dice
-from conftest import devices
 
 
 def _inputs(device="cpu", C=1):
@@ -14,14 +15,17 @@ def _inputs(device="cpu", C=1):
     return x, lab
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda x, l: (x, l.float()), r"`instances` must hold integer instance ids.*Float"),
-    (lambda x, l: (x, l.bool()), r"`instances` must hold integer instance ids.*Bool"),
-    (lambda x, l: (x.int(), l), r"`input` must be a float16, bfloat16, float32 or float64 tensor"),
-    (lambda x, l: (x[:, :, 0, 0, 0], l[:, :, 0, 0, 0]), r"`input` must have shape \(B, C, \*spatial\)"),
-    (lambda x, l: (x, l[:, :, :3]), r"`instances` must have the shape of `input`"),
-    (lambda x, l: (x[:0], l[:0]), r"`input` must not be empty"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda x, lab: (x, lab.float()), r"`instances` must hold integer instance ids.*Float"),
+        (lambda x, lab: (x, lab.bool()), r"`instances` must hold integer instance ids.*Bool"),
+        (lambda x, lab: (x.int(), lab), r"`input` must be a float16, bfloat16, float32 or float64 tensor"),
+        (lambda x, lab: (x[:, :, 0, 0, 0], lab[:, :, 0, 0, 0]), r"`input` must have shape \(B, C, \*spatial\)"),
+        (lambda x, lab: (x, lab[:, :, :3]), r"`instances` must have the shape of `input`"),
+        (lambda x, lab: (x[:0], lab[:0]), r"`input` must not be empty"),
+    ],
+)
 def test_bad_tensors_raise_clear_errors(bad, match):
     x, lab = _inputs()
     x, lab = bad(x, lab)
@@ -50,13 +54,16 @@ def test_negative_labels_with_max_label_raise_on_cpu():
         blob_dice(x, lab, max_label=5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(activation="relu"), r"`activation` must be one of \"sigmoid\", \"softmax\" or \"none\", got \"relu\""),
-    (dict(masking="exact"), r"`masking` must be \"paper\" or \"official\", got \"exact\""),
-    (dict(activation="softmax", masking="official"), r"masking=\"official\" is only defined"),
-    (dict(activation="softmax"), r"softmax\" needs at least 2 channels"),
-    (dict(max_label=-4), r"max_label must be None or an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(activation="relu"), r"`activation` must be one of \"sigmoid\", \"softmax\" or \"none\", got \"relu\""),
+        (dict(masking="exact"), r"`masking` must be \"paper\" or \"official\", got \"exact\""),
+        (dict(activation="softmax", masking="official"), r"masking=\"official\" is only defined"),
+        (dict(activation="softmax"), r"softmax\" needs at least 2 channels"),
+        (dict(max_label=-4), r"max_label must be None or an int >= 0"),
+    ],
+)
 def test_bad_options_raise_clear_errors(kwargs, match):
     x, lab = _inputs()
     with pytest.raises(ValueError, match=match):
@@ -69,12 +76,15 @@ def test_op_level_max_label_check():
         torch.ops.blob.dice(x, lab, max_label=-2)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(activation="tanh"), r"activation must be one of"),
-    (dict(masking="x"), r"masking must be one of"),
-    (dict(activation="softmax", masking="official"), r"masking=\"official\" is only defined"),
-    (dict(max_label=2.5), r"max_label must be None or an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(activation="tanh"), r"activation must be one of"),
+        (dict(masking="x"), r"masking must be one of"),
+        (dict(activation="softmax", masking="official"), r"masking=\"official\" is only defined"),
+        (dict(max_label=2.5), r"max_label must be None or an int"),
+    ],
+)
 def test_module_validates_options_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         blobbench.BlobDiceLoss(**kwargs)
@@ -83,13 +93,13 @@ def test_module_validates_options_at_construction(kwargs, match):
 def test_backward_op_checks_its_table():
     x, lab = _inputs()
     with pytest.raises(ValueError, match=r"blob.dice \(backward\): `coef` must be the \(B, C, K, 2\) float64 table"):
-        torch.ops.blob._dice_backward(torch.tensor(1.0), x, lab, torch.zeros(2, 1, 3),
-                                      lab.new_empty(2, 1, 0), "sigmoid", False)
+        torch.ops.blob._dice_backward(
+            torch.tensor(1.0), x, lab, torch.zeros(2, 1, 3), lab.new_empty(2, 1, 0), "sigmoid", False
+        )
     coef = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
     lab[0, 0, 0, 0, 0] = 7
     with pytest.raises(ValueError, match=r"outside the coefficient table"):
-        torch.ops.blob._dice_backward(torch.tensor(1.0), x, lab, coef, lab.new_empty(2, 1, 0),
-                                      "sigmoid", False)
+        torch.ops.blob._dice_backward(torch.tensor(1.0), x, lab, coef, lab.new_empty(2, 1, 0), "sigmoid", False)
 
 
 @devices

@@ -270,6 +270,14 @@ def test_compare_bad_path_is_a_usage_error(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- plots and README
 
+def test_busy_machine_is_said():
+    from blobbench.bench.report import busy_warning
+
+    assert "busy" in busy_warning({"cpus": 2, "load_before": [0.2, 0.1, 0.1], "load_after": [3.5, 2.0, 1.0]})
+    assert busy_warning({"cpus": 2, "load_before": [0.2, 0.1, 0.1], "load_after": [0.9, 0.5, 0.3]}) == ""
+    assert busy_warning({"cpus": 2, "load_before": None, "load_after": None}) == ""
+
+
 def test_bar_base_is_a_decade_below():
     assert _decade_below([2.4, 425.0]) == pytest.approx(0.1)
     assert _decade_below([0.9, 3.0]) == pytest.approx(0.01)

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from .noise import summarize_times
+from .noise import busy_warning, summarize_times
 from .runs import resolve_result
 
 __all__ = ["load_run", "compare_runs", "format_compare", "plot_compare"]
@@ -93,6 +93,7 @@ def compare_runs(old: dict, new: dict, threshold: float = 0.10, mem_threshold: f
            "old_machine": old.get("machine", {}).get("summary", "?"),
            "new_machine": new.get("machine", {}).get("summary", "?")}
     out["same_machine"] = out["old_machine"] == out["new_machine"]
+    out["busy"] = {k: busy_warning(r.get("run") or {}) for k, r in (("OLD", old), ("NEW", new))}
     po, pn = old.get("host_proxy") or {}, new.get("host_proxy") or {}
     if po.get("status") == "ok" and pn.get("status") == "ok":
         r = pn["ratio"] / po["ratio"]
@@ -113,6 +114,9 @@ def format_compare(cmp: dict, old_name: str, new_name: str) -> str:
     else:
         lines += ["WARNING: different machines; the ratios compare the machines as well as the code",
                   f"  OLD: {cmp['old_machine']}", f"  NEW: {cmp['new_machine']}"]
+    for k, w in cmp.get("busy", {}).items():
+        if w:
+            lines.append(f"{k}: {w}")
     lines.append(f"NEW/OLD of median time [interval from the quartiles: NEW q1/OLD q3, NEW q3/OLD q1] and of peak "
                  f"memory; regression: time > x{1 + cmp['threshold']:.2f} with the interval above 1, memory "
                  f"+{cmp['mem_threshold']:.0%} and > {cmp['mem_floor_bytes'] / 2**20:g} MB, or a status lost")

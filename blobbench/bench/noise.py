@@ -19,7 +19,7 @@ import os
 import statistics
 
 __all__ = ["DEFAULT_THRESHOLD", "DEFAULT_FACTOR", "summarize_times", "load", "noise_reasons",
-           "remeasure_noisy", "remeasure_proxy"]
+           "remeasure_noisy", "remeasure_proxy", "busy_warning"]
 
 DEFAULT_THRESHOLD = 0.25   # IQR / median
 DEFAULT_FACTOR = 1.5       # sweep neighbours
@@ -146,3 +146,14 @@ def remeasure_proxy(measure, *, threshold: float = DEFAULT_THRESHOLD, retries: i
 
 def _proxy_attempt(p: dict) -> dict:
     return {k: p[k] for k in ("status", "ratio", "rel_iqr", "ratio_q1", "ratio_q3") if k in p}
+
+
+def busy_warning(run: dict) -> str:
+    """A warning when the machine's 1-minute load, before or after the run, was over half its CPUs
+    (other work competed for them: timings are slower and noisier than the code's), else ''."""
+    cpus = run.get("cpus") or 0
+    loads = [v[0] for v in (run.get("load_before"), run.get("load_after")) if v]
+    if cpus and loads and max(loads) > 0.5 * cpus:
+        return (f"WARNING: the machine was busy (1-minute load up to {max(loads):.2f} on {cpus} CPUs): other work "
+                f"competed for the CPUs, so timings are slower and noisier than the code's own")
+    return ""

@@ -6,7 +6,7 @@ import os
 import re
 
 from .bench import IMPLEMENTATIONS
-from .noise import DEFAULT_FACTOR, DEFAULT_THRESHOLD, noise_reasons, summarize_times
+from .noise import DEFAULT_FACTOR, DEFAULT_THRESHOLD, busy_warning, noise_reasons, summarize_times
 
 __all__ = ["ratios", "print_report", "plot_report", "noise_flags", "readme_block", "update_readme"]
 
@@ -113,6 +113,9 @@ def print_report(result: dict, file=None) -> None:
         p(f"run {run.get('id')} (revision {run.get('revision')}, started {run.get('started_utc')}); machine load "
           f"(1/5/15 min averages, {run.get('cpus')} CPUs) before {_load(run.get('load_before'))}, after "
           f"{_load(run.get('load_after'))}")
+        busy = busy_warning(run)
+        if busy:
+            p(busy)
     p(f"fwd+bwd, float32 logits, int32 labels; median of up to {result['settings']['reps']} reps "
       f"[min, max], spread = IQR/median; peak = memory above the inputs during one fwd+bwd "
       f"({result['machine'].get('memory_method', 'method not recorded')})")
@@ -432,6 +435,9 @@ def readme_block(result: dict, run_dir) -> str:
     proxy = host_proxy_line(result.get("host_proxy"))
     if proxy:
         lines += ["", proxy[0].upper() + proxy[1:] + "."]
+    busy = busy_warning(run)
+    if busy:
+        lines += ["", busy + "."]
     lines += ["", f"{len(flags)} measurement(s) of this run are flagged noisy (marked in `report.txt` and ringed in "
                   "the plots)." if flags else "No measurement of this run is flagged noisy."]
     figs = [f for f in ("profiles.png", "sweep_instances.png", "sweep_volume.png")

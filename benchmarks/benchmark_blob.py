@@ -17,8 +17,16 @@ skipped without a GPU or the CUDA kernels.
 import torch
 
 import blobbench
-from blobbench.bench.bench import (cuda_memory_begin, cuda_memory_peak, devices_from_env, forward_backward,
-                                   host_cost_proxy, loss_fn, normalize_device, synchronize)
+from blobbench.bench.bench import (
+    cuda_memory_begin,
+    cuda_memory_peak,
+    devices_from_env,
+    forward_backward,
+    host_cost_proxy,
+    loss_fn,
+    normalize_device,
+    synchronize,
+)
 from blobbench.bench.synthetic import grid_instances, logits_like, profile_batch
 
 PROFILES = ["ms", "lits", "disco", "shanel", "deepmact"]

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from bench_helpers import asv_suite
 
 import blobbench
-from bench_helpers import asv_suite
 from blobbench.bench import bench
 from blobbench.bench.cli import main
 from blobbench.bench.labelfiles import crops_from_labels, load_label_volume

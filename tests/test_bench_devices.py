@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from bench_helpers import asv_suite
+from conftest import HAVE_CUDA
 from torch.cuda._utils import _get_device_index
 
 import blobbench
-from bench_helpers import asv_suite
 from blobbench.bench import bench, cli
 from blobbench.bench.cli import main
 from blobbench.bench.synthetic import grid_instances
-from conftest import HAVE_CUDA
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from blobbench.bench import bench, cli
+from blobbench.bench import cli
 from blobbench.bench.cli import main
 from blobbench.bench.compare import compare_runs
 from blobbench.bench.noise import noise_reasons, remeasure_noisy, remeasure_proxy, summarize_times
@@ -356,6 +356,11 @@ def test_train_options_have_help():
     (["--sweep-crop", "8,x,8"], "expected comma-separated integers"),
     (["--remeasure", "-1"], "--remeasure"),
     (["--outlier-factor", "1"], "--outlier-factor"),
+    (["--sweep-edges", "0,32"], "--sweep-edges"),
+    (["--sweep-instances", "-1"], "--sweep-instances"),
+    (["--crops", "0"], "--crops"),
+    (["--name", "a/b"], "--name"),
+    (["--name", "latest"], "--name"),
 ])
 def test_command_line_fixes(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:

@@ -222,9 +222,17 @@ def _validate(args, ap):
         ap.error("--time-budget must be > 0 and --memory-budget >= 0")
     if len(args.sweep_crop) != 3:
         ap.error("--sweep-crop needs three numbers D,H,W")
-    args.label_volumes = {}
-    for f in args.labels:
-        args.label_volumes[f] = _load_labels(f, args.labels_key, ap)
+    if min(args.sweep_crop) < 1 or (args.sweep_edges and min(args.sweep_edges) < 1):
+        ap.error("--sweep-crop and --sweep-edges must be >= 1")
+    if (args.sweep_instances and min(args.sweep_instances) < 0) or args.sweep_count < 0:
+        ap.error("--sweep-instances and --sweep-count must be >= 0")
+    if (args.crops is not None and args.crops < 1) or (args.threads is not None and args.threads < 1):
+        ap.error("--crops and --threads must be >= 1")
+    if args.max_case_seconds <= 0:
+        ap.error("--max-case-seconds must be > 0")
+    if args.name is not None and (not args.name.strip() or os.sep in args.name or args.name in (".", "..", "latest")
+                                  or (os.altsep and os.altsep in args.name)):
+        ap.error(f"--name must be a plain folder name (not 'latest'), got {args.name!r}")
     import blobbench
 
     from .bench import normalize_devices
@@ -236,6 +244,9 @@ def _validate(args, ap):
         args.devices = normalize_devices(args.devices)  # cuda -> cuda:N, once, for every CUDA call
     except ValueError as e:
         ap.error(f"--devices: {e}")
+    args.label_volumes = {}
+    for f in args.labels:
+        args.label_volumes[f] = _load_labels(f, args.labels_key, ap)
 
 
 def run_bench(args) -> dict:
@@ -243,7 +254,7 @@ def run_bench(args) -> dict:
 
     from . import bench
     from .noise import load, remeasure_noisy, remeasure_proxy
-    from .report import plot_report, print_report, ratios
+    from .report import ratios
     from .runs import git_revision, machine_slug, new_run_dir, run_id, update_latest
 
     if args.threads:
@@ -387,7 +398,8 @@ def report_errors(result: dict, file=None) -> int:
 
 
 def build_train_parser():
-    from .train import LOSSES, TrainConfig, __doc__ as train_doc
+    from .train import LOSSES, TrainConfig
+    from .train import __doc__ as train_doc
 
     d = TrainConfig()
     ap = argparse.ArgumentParser(prog="blobbench train", description=plain_text(train_doc),
@@ -398,7 +410,8 @@ def build_train_parser():
     ap.add_argument("--loss", type=_csv(str), default=None,
                     help=f"loss or losses, comma separated, from {', '.join(LOSSES)} (default blob_dice)")
     ap.add_argument("--seeds", type=_csv(int), default=None, help="seeds, comma separated (default 0)")
-    ap.add_argument("--iterations", type=int, default=d.iterations, help=f"training steps per run (default {d.iterations})")
+    ap.add_argument("--iterations", type=int, default=d.iterations,
+                    help=f"training steps per run (default {d.iterations})")
     ap.add_argument("--batch", type=int, default=d.batch, help=f"crops per step (default {d.batch})")
     ap.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     ap.add_argument("--dims", type=int, choices=(2, 3), default=d.dims, help="2D or 3D data (default 2)")
@@ -440,7 +453,8 @@ def main_train(argv):
     device = args.device or ("cuda" if gpu else "cpu")
     if device not in ("cpu", "cuda") or (device == "cuda" and not gpu):
         ap.error(f"--device must be cpu, or cuda with a GPU and the CUDA kernels; got {device!r}")
-    cfg = TrainConfig(device=device, dims=args.dims, image_size=args.image_size, crop=args.crop, iterations=args.iterations,
+    cfg = TrainConfig(device=device, dims=args.dims, image_size=args.image_size, crop=args.crop,
+                      iterations=args.iterations,
                       batch=args.batch, lr=args.lr, train_images=args.train_images, test_images=args.test_images,
                       threads=args.threads)
     print(f"blobbench train: losses {losses}, seeds {seeds}, {cfg.iterations} iterations of batch {cfg.batch}, "

@@ -139,7 +139,8 @@ def format_compare(cmp: dict, old_name: str, new_name: str) -> str:
     hp = cmp.get("host_proxy")
     if hp:
         lines.append(f"host cost proxy: {hp['old']:.2f}x -> {hp['new']:.2f}x, NEW/OLD x{hp['ratio']:.2f} "
-                     f"[{hp['lo']:.2f}, {hp['hi']:.2f}] {hp['verdict'].upper() if hp['verdict'] == 'regression' else hp['verdict']}")
+                     f"[{hp['lo']:.2f}, {hp['hi']:.2f}] "
+                     f"{hp['verdict'].upper() if hp['verdict'] == 'regression' else hp['verdict']}")
     for what, keys in (("only in OLD", cmp["only_old"]), ("only in NEW", cmp["only_new"])):
         if keys:
             lines.append(f"{what} (not compared): " + ", ".join("/".join(k) for k in keys))

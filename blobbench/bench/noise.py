@@ -11,7 +11,8 @@ A measurement is *noisy* when
 :func:`remeasure_noisy` measures the noisy ones again (up to ``retries`` times, each a fresh
 process) and keeps the attempt with the lowest median (interference from other processes only
 ever adds time), the other attempts recorded under ``"attempts"``. Those still noisy after the
-last retry carry their reasons under ``"noisy"`` (an empty list: not noisy), which the table, the JSON and the plots show.
+last retry carry their reasons under ``"noisy"`` (an empty list: not noisy), which the table, the
+JSON and the plots show.
 """
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ def print_report(result: dict, file=None) -> None:
         p(f"  {'case':12s} {'device':7s} {'fused ms':>9s} {'vs naive':>12s} {'vs vectorized':>14s} "
           f"{'fused/MONAI time':>17s} {'fused/MONAI memory':>19s}")
         for r in rows:
-            def sp(key):
+            def sp(key, r=r):
                 v = r.get(key)
                 return "-" if v is None else (f"{v:.1f}x" if isinstance(v, float) else v)
             p(f"  {r['case']:12s} {r['device']:7s} {r['fused_median_s'] * 1e3:9.3g} {sp('speedup_vs_naive'):>12s} "

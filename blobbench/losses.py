@@ -33,6 +33,27 @@ def _max_label_arg(max_label):
     return max_label
 
 
+def _check_layout(input, spatial_dims, fn):
+    """A 3-D or 4-D input is ambiguous: (B, C, H, W) or a 3-D volume that lost its channel dim."""
+    if spatial_dims is None:
+        if input.dim() in (3, 4):
+            n = input.dim() - 2
+            raise ValueError(
+                f"{fn}: a {input.dim()}-D input {tuple(input.shape)} is read as (B, C, *spatial) with "
+                f"{n} spatial dim{'s' if n > 1 else ''} and C = {input.shape[1]} channels: pass "
+                f"spatial_dims={n} to confirm, or keep the channel dim (B, 1, ...) if the second dim "
+                f"is spatial"
+            )
+        return
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"{fn}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    if input.dim() != spatial_dims + 2:
+        raise ValueError(
+            f"{fn}: spatial_dims={spatial_dims} expects input of shape (B, C, *spatial) with "
+            f"{spatial_dims + 2} dims, got {tuple(input.shape)}"
+        )
+
+
 # The operator overloads, looked up once. Eager calls go to the public ops (autograd in C++,
 # one dispatch per call); torch.compile traces the private forward ops (blobbench/_ops.py).
 _DICE = torch.ops.blob.dice.default
@@ -53,6 +74,7 @@ def blob_dice(
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
     max_label: int | None = None,
+    spatial_dims: int | None = None,
 ) -> torch.Tensor:
     """Blob Dice loss ``alpha * L_global + beta * L_blob`` in one fused pass.
 
@@ -74,10 +96,18 @@ def blob_dice(
         smooth_nr, smooth_dr: MONAI's smoothing constants of numerator and denominator.
         max_label: an upper bound on the ids. Given, the op needs no device-to-host sync (on CUDA
             it is capturable in a CUDA graph; ids above it make the loss NaN there, and raise on
-            the CPU). ``None`` finds the range with one reduction.
+            the CPU). ``None`` finds the range with one reduction and one sync. Above
+            ``dense_label_limit`` a bound keeps the sync-free dense table while the table fits
+            256 MiB; beyond that, and for sparse ids without a bound, the ids are compacted per
+            (b, c) plane with a sort, which syncs once (docs/design.md, section 5.2).
+        spatial_dims: 1, 2 or 3. Required for 3-D and 4-D inputs, whose layout is ambiguous (a
+            ``(B, C, H, W)`` image, or a ``(B, D, H, W)`` volume that lost its channel dim would
+            otherwise be read as 2-D with D channels); 5-D inputs are ``(B, C, D, H, W)``.
 
     Returns:
-        A 0-dim tensor of ``input``'s dtype. Each Dice term is MONAI's
+        A 0-dim tensor: float32 for float16/bfloat16 input (the sums are accumulated in float32
+        or wider, as MONAI's losses return float32 under autocast), else ``input``'s dtype; the
+        gradient has ``input``'s dtype. Each Dice term is MONAI's
         ``1 - (2 sum(p g) + smooth_nr) / (sum(p^q) + sum(g) + smooth_dr)``; the global term is the
         mean over (b, c) (``DiceLoss(include_background=True)``).
 
@@ -87,7 +117,13 @@ def blob_dice(
         >>> instances[0, 0, 2:5, 3:9, 3:9] = 1; instances[0, 0, 10:12, 20:25, 5:8] = 2
         >>> loss = blob_dice(logits, instances)
         >>> loss.backward()
+
+    Raises:
+        ValueError / TypeError: naming the argument, for bad dtypes, shapes, devices, options,
+        negative ids or (on the CPU) ids above ``max_label``. An empty batch raises (MONAI's
+        DiceLoss returns NaN). Double backward raises.
     """
+    _check_layout(input, spatial_dims, "blob_dice")
     if torch.compiler.is_compiling():
         # Traceable for any label range: the private forward op exposes the table's size.
         return _DICE_FORWARD(
@@ -129,6 +165,7 @@ def blob_tversky(
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
     max_label: int | None = None,
+    spatial_dims: int | None = None,
 ) -> torch.Tensor:
     """Blob Tversky loss ``alpha * L_global + beta * L_blob`` (the paper's "blob tversky").
 
@@ -136,8 +173,10 @@ def blob_tversky(
     ``1 - (tp + smooth_nr) / (tp + fp_weight * fp + fn_weight * fn + smooth_dr)``.
     ``fp_weight`` / ``fn_weight`` are MONAI's ``alpha`` / ``beta`` of Tversky (paper: 0.3 / 0.7),
     renamed so they cannot be confused with ``alpha`` / ``beta`` of blob loss (global / blob
-    weights). Shapes, activations, masking and ``max_label`` are as in :func:`blob_dice`.
+    weights). Shapes, activations, masking, ``max_label``, ``spatial_dims``, the returned dtype
+    and the errors are as in :func:`blob_dice`.
     """
+    _check_layout(input, spatial_dims, "blob_tversky")
     if torch.compiler.is_compiling():
         return _TVERSKY_FORWARD(
             input,
@@ -171,7 +210,9 @@ _ACTIVATIONS = ("sigmoid", "softmax", "none")
 _MASKINGS = ("paper", "official")
 
 
-def _check_options(activation, masking):
+def _check_options(activation, masking, spatial_dims=None):
+    if spatial_dims is not None and spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be None, 1, 2 or 3, got {spatial_dims!r}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if masking not in _MASKINGS:
@@ -202,14 +243,16 @@ class BlobDiceLoss(nn.Module):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         max_label: int | None = None,
+        spatial_dims: int | None = None,
     ):
         super().__init__()
-        _check_options(activation, masking)
+        _check_options(activation, masking, spatial_dims)
         self.alpha, self.beta = float(alpha), float(beta)
         self.activation, self.masking = activation, masking
         self.squared_pred = bool(squared_pred)
         self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
         self.max_label = max_label
+        self.spatial_dims = spatial_dims
         _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
@@ -224,6 +267,7 @@ class BlobDiceLoss(nn.Module):
             smooth_nr=self.smooth_nr,
             smooth_dr=self.smooth_dr,
             max_label=self.max_label,
+            spatial_dims=self.spatial_dims,
         )
 
     def extra_repr(self) -> str:
@@ -248,14 +292,16 @@ class BlobTverskyLoss(nn.Module):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         max_label: int | None = None,
+        spatial_dims: int | None = None,
     ):
         super().__init__()
-        _check_options(activation, masking)
+        _check_options(activation, masking, spatial_dims)
         self.alpha, self.beta = float(alpha), float(beta)
         self.fp_weight, self.fn_weight = float(fp_weight), float(fn_weight)
         self.activation, self.masking = activation, masking
         self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
         self.max_label = max_label
+        self.spatial_dims = spatial_dims
         _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
@@ -271,6 +317,7 @@ class BlobTverskyLoss(nn.Module):
             smooth_nr=self.smooth_nr,
             smooth_dr=self.smooth_dr,
             max_label=self.max_label,
+            spatial_dims=self.spatial_dims,
         )
 
     def extra_repr(self) -> str:

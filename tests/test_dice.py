@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import devices
-from helpers import LABEL_DTYPES, loss_and_grad, random_case, random_instances, rel_err
+from helpers import LABEL_DTYPES, loss_and_grad, random_case, random_instances, rel_err, with_spatial_dims
 
 import blobbench
-from blobbench import blob_dice, blob_tversky, naive_blob_dice, naive_blob_tversky, vectorized_blob_loss
+from blobbench import naive_blob_dice, naive_blob_tversky, vectorized_blob_loss
+
+# The random cases have 1 to 3 spatial dims; the losses are told which (spatial_dims).
+blob_dice = with_spatial_dims(blobbench.blob_dice)
+blob_tversky = with_spatial_dims(blobbench.blob_tversky)
 
 # Tolerances of the issue: loss / gradient, relative, against the float64 oracle.
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-8)}

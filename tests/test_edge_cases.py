@@ -278,7 +278,7 @@ _SCRATCH_PROBE = textwrap.dedent("""
     V, K = 1 << 21, 1 << 20
     x = torch.randn(1, 1, V)
     lab = torch.randint(0, K, (1, 1, V), generator=torch.Generator().manual_seed(0))
-    blobbench.blob_dice(x[..., :4096], lab[..., :4096], max_label=K - 1)  # warm-up
+    blobbench.blob_dice(x[..., :4096], lab[..., :4096], max_label=K - 1, spatial_dims=1)
     def hwm():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM"):
@@ -286,7 +286,7 @@ _SCRATCH_PROBE = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = hwm()
-    blobbench.blob_dice(x, lab, max_label=K - 1)
+    blobbench.blob_dice(x, lab, max_label=K - 1, spatial_dims=1)
     print(hwm() - before)
 """)
 
@@ -358,3 +358,33 @@ def test_tversky_backward_names_itself():
         r"outside the coefficient table",
     ):
         torch.ops.blob._tversky_backward(a["grad"], a["input"], bad, coef, ids, "sigmoid")
+
+
+# ---- 8. a volume is never misread without a word ---------------------------------------------
+
+
+@pytest.mark.parametrize("loss_fn", [blob_dice, blob_tversky])
+def test_a_volume_without_its_channel_dim_is_refused(loss_fn):
+    x, lab = _case()  # (B, 1, D, H, W)
+    with pytest.raises(
+        ValueError,
+        match=r"4-D input \(2, 4, 8, 8\) is read as \(B, C, \*spatial\) "
+        r"with 2 spatial dims and C = 4 channels: pass spatial_dims=2",
+    ):
+        loss_fn(x[:, 0], lab[:, 0])
+    with pytest.raises(
+        ValueError,
+        match=r"spatial_dims=3 expects input of shape \(B, C, \*spatial\) "
+        r"with 5 dims, got \(2, 4, 8, 8\)",
+    ):
+        loss_fn(x[:, 0], lab[:, 0], spatial_dims=3)
+
+
+def test_spatial_dims_confirms_a_2d_layout():
+    x, lab = _case()
+    x2, lab2 = x[:, :, 0], lab[:, :, 0]  # (B, 1, H, W)
+    got = blob_dice(x2, lab2, spatial_dims=2)
+    assert torch.equal(got, torch.ops.blob.dice(x2, lab2))
+    assert torch.equal(blobbench.BlobDiceLoss(spatial_dims=2)(x2, lab2), got)
+    with pytest.raises(ValueError, match=r"spatial_dims must be None, 1, 2 or 3, got 4"):
+        blobbench.BlobDiceLoss(spatial_dims=4)

@@ -122,7 +122,7 @@ def make_net(cfg: TrainConfig):
     )
 
 
-def make_loss(name: str):
+def make_loss(name: str, spatial_dims: int = 2):
     """``f(logits, instances) -> loss`` for one of :data:`LOSSES`."""
     import blobbench
 
@@ -137,9 +137,9 @@ def make_loss(name: str):
         t = TverskyLoss(sigmoid=True, alpha=0.3, beta=0.7)
         return lambda x, inst: t(x, (inst > 0).to(x.dtype))
     if name == "blob_dice":
-        return blobbench.BlobDiceLoss(alpha=2.0, beta=1.0)
+        return blobbench.BlobDiceLoss(alpha=2.0, beta=1.0, spatial_dims=spatial_dims)
     if name == "blob_tversky":
-        return blobbench.BlobTverskyLoss(alpha=2.0, beta=1.0, fp_weight=0.3, fn_weight=0.7)
+        return blobbench.BlobTverskyLoss(alpha=2.0, beta=1.0, fp_weight=0.3, fn_weight=0.7, spatial_dims=spatial_dims)
     raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
 
 
@@ -184,7 +184,7 @@ def train_run(cfg: TrainConfig, out_dir: str | None = None, progress: bool = Tru
     train_inst = blobbench.label_instances(train_m, spatial_dims=cfg.dims)
     device = torch.device(cfg.device)
     net = make_net(cfg).to(device)
-    loss_fn = make_loss(cfg.loss)
+    loss_fn = make_loss(cfg.loss, cfg.dims)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []

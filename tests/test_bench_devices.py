@@ -256,3 +256,16 @@ def test_check_goes_crop_by_crop(tmp_path):
     assert chk["status"] == "ok", chk
     for key in ("dice/cpu", "tversky/cpu"):
         assert chk["checks"][key]["crops"] == 3 and chk["checks"][key]["loss_rel_diff"] < 1e-5
+
+
+def test_train_device_is_normalised(fake_gpus, monkeypatch):
+    """blobbench train takes cuda:N too, normalised before the run (the run itself is faked here)."""
+    from blobbench.bench import train
+
+    seen = {}
+    monkeypatch.setattr(train, "compare", lambda losses, seeds, cfg, out, progress: seen.update(device=cfg.device))
+    assert main(["train", "--device", "cuda", "--iterations", "1", "--quiet"]) == 0
+    assert seen["device"] == "cuda:1"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--device", "cuda:5"])
+    assert e.value.code == 2

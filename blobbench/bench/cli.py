@@ -423,7 +423,8 @@ def build_train_parser():
                     help=f"synthetic test images, segmented whole and scored (default {d.test_images})")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--device", default=None,
-                    help="cpu or cuda (default: cuda when a GPU and the CUDA kernels are present)")
+                    help="cpu, cuda (the current GPU) or cuda:N (default: cuda when a GPU and the CUDA kernels "
+                         "are present)")
     ap.add_argument("--out", default="blobbench-train", help="output folder (default ./blobbench-train)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
@@ -450,9 +451,12 @@ def main_train(argv):
     import blobbench
 
     gpu = torch.cuda.is_available() and blobbench.has_cuda_kernels()
-    device = args.device or ("cuda" if gpu else "cpu")
-    if device not in ("cpu", "cuda") or (device == "cuda" and not gpu):
-        ap.error(f"--device must be cpu, or cuda with a GPU and the CUDA kernels; got {device!r}")
+    from .bench import normalize_device
+
+    try:
+        device = normalize_device(args.device or ("cuda" if gpu else "cpu"))
+    except ValueError as e:
+        ap.error(f"--device: {e}")
     cfg = TrainConfig(device=device, dims=args.dims, image_size=args.image_size, crop=args.crop,
                       iterations=args.iterations,
                       batch=args.batch, lr=args.lr, train_images=args.train_images, test_images=args.test_images,

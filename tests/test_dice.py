@@ -342,3 +342,18 @@ torch.save((loss.detach(), x.grad), sys.argv[1])
         results.append(torch.load(out))
     (l0, g0), (l1, g1) = results
     assert rel_err(l0, l1) < 1e-6 and rel_err(g0, g1) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "fn,op", [(blobbench.blob_dice, torch.ops.blob.dice), (blobbench.blob_tversky, torch.ops.blob.tversky)]
+)
+def test_python_defaults_are_the_schema_defaults(fn, op):
+    # blob_dice / blob_tversky pass only options that differ from the defaults to the operator,
+    # so the two sets of defaults must be the same.
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    schema = {a.name: a.default_value for a in op.default._schema.arguments if a.has_default_value()}
+    for name, default in schema.items():
+        py = params[name].default
+        assert (-1 if name == "max_label" and py is None else py) == default, name

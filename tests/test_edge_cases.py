@@ -183,8 +183,9 @@ def test_empty_batch_fails_when_traced_not_at_run_time():
 # ---- 2. int64 limits ------------------------------------------------------------------------
 
 
-def test_largest_int64_id_is_an_ordinary_sparse_id():
-    x, lab = _case()
+@devices
+def test_largest_int64_id_is_an_ordinary_sparse_id(device):
+    x, lab = _case(device)
     huge = lab.clone()
     huge[lab == 3] = INT64_MAX
     want = loss_and_grad(blob_dice, x, lab)
@@ -215,23 +216,26 @@ def test_max_label_zero_rejects_id_one():
 # ---- 3. a generous max_label keeps the dense table (no compaction, no sync) -----------------
 
 
-def test_generous_max_label_stays_dense_and_exact():
+@devices
+def test_generous_max_label_stays_dense_and_exact(device):
     rng = np.random.default_rng(3)
-    lab = random_instances(rng, (2, 1, 16, 16, 16), 40, empty_prob=0.0, dtype=torch.int64)
-    x = torch.randn(lab.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lab = random_instances(rng, (2, 1, 16, 16, 16), 40, empty_prob=0.0, dtype=torch.int64).to(device)
+    x = torch.randn(lab.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
     _, coef, ids = _fwd(x, lab, max_label=10**6)
     assert ids.shape == (2, 1, 0), "a caller-bounded table under the budget must not compact"
     assert coef.shape[2] == 10**6 + 1
     want = loss_and_grad(blob_dice, x, lab)
     got = loss_and_grad(blob_dice, x, lab, max_label=10**6)
-    assert rel_err(got[0], want[0]) <= 1e-14 and rel_err(got[1], want[1]) <= 1e-12
+    # On CUDA the large table takes the atomics path: another summation order, float64 rounding.
+    assert rel_err(got[0], want[0]) <= 1e-12 and rel_err(got[1], want[1]) <= 1e-10
 
 
-def test_max_label_beyond_the_table_budget_compacts():
-    x, lab = _case()
+@devices
+def test_max_label_beyond_the_table_budget_compacts(device):
+    x, lab = _case(device)
     _, coef, ids = _fwd(x, lab, max_label=10**12)
     assert ids.shape[2] == coef.shape[2] > 0  # compacted: documented to sync
-    assert rel_err(blob_dice(x, lab, max_label=10**12), blob_dice(x, lab)) <= 1e-14
+    assert rel_err(blob_dice(x, lab, max_label=10**12), blob_dice(x, lab)) <= 1e-12
 
 
 # ---- 4. compaction is per (b, c) plane ----------------------------------------------------------
@@ -309,9 +313,10 @@ def test_cpu_scratch_does_not_grow_with_threads():
 # ---- 6. double backward raises instead of returning silence ----------------------------------
 
 
+@devices
 @pytest.mark.parametrize("loss_fn", [blob_dice, blob_tversky])
-def test_double_backward_raises(loss_fn):
-    x, lab = _case()
+def test_double_backward_raises(device, loss_fn):
+    x, lab = _case(device)
     x.requires_grad_(True)
     loss = loss_fn(x, lab) + (x**3).sum()  # another term keeps the graph connected
     (g,) = torch.autograd.grad(loss, x, create_graph=True)
@@ -320,9 +325,10 @@ def test_double_backward_raises(loss_fn):
         (g * torch.randn_like(g)).sum().backward()
 
 
-def test_first_order_gradient_under_create_graph_is_still_right():
-    x, lab = _case()
-    want = loss_and_grad(naive_blob_dice, x, lab, 2.0, 1.0)
+@devices
+def test_first_order_gradient_under_create_graph_is_still_right(device):
+    x, lab = _case(device)
+    want = loss_and_grad(naive_blob_dice, x.cpu(), lab.cpu(), 2.0, 1.0)
     xx = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(blob_dice(xx, lab), xx, create_graph=True)
     assert rel_err(g, want[1]) <= 1e-10

@@ -394,3 +394,18 @@ def test_spatial_dims_confirms_a_2d_layout():
     assert torch.equal(blobbench.BlobDiceLoss(spatial_dims=2)(x2, lab2), got)
     with pytest.raises(ValueError, match=r"spatial_dims must be None, 1, 2 or 3, got 4"):
         blobbench.BlobDiceLoss(spatial_dims=4)
+
+
+# ---- the autograd registration leaves the other modes alone ------------------------------------
+
+
+@devices
+def test_inference_mode_and_no_grad_give_the_same_loss(device):
+    x, lab = _case(device)
+    with torch.inference_mode():
+        inference = blob_dice(x, lab)  # the Autograd key is skipped: the device kernel directly
+    with torch.no_grad():
+        no_grad = blob_dice(x.clone().requires_grad_(True), lab)
+    eager = blob_dice(x, lab)
+    assert not no_grad.requires_grad
+    assert torch.equal(inference, eager) and torch.equal(no_grad, eager)

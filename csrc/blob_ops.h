@@ -70,6 +70,58 @@ std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at:
                                                c10::string_view activation, bool squared_pred,
                                                int64_t max_label);
 
+// The operator entry points of one device: the drivers above bound to that device's kernels.
+// Each device file registers these explicitly in its TORCH_LIBRARY_IMPL block, e.g.
+// m.impl("dice", &DeviceOps<kCpuKernels>::dice).
+template <const DeviceKernels& K>
+struct DeviceOps {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_forward(
+      const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
+      c10::string_view activation, c10::string_view masking, bool squared_pred, double smooth_nr,
+      double smooth_dr, int64_t max_label) {
+    return blob::dice_forward(K, input, instances, alpha, beta, activation, masking, squared_pred,
+                              smooth_nr, smooth_dr, max_label);
+  }
+  static at::Tensor dice(const at::Tensor& input, const at::Tensor& instances, double alpha,
+                         double beta, c10::string_view activation, c10::string_view masking,
+                         bool squared_pred, double smooth_nr, double smooth_dr, int64_t max_label) {
+    return std::get<0>(dice_forward(input, instances, alpha, beta, activation, masking,
+                                    squared_pred, smooth_nr, smooth_dr, max_label));
+  }
+  static at::Tensor dice_backward(const at::Tensor& grad, const at::Tensor& input,
+                                  const at::Tensor& instances, const at::Tensor& coef,
+                                  const at::Tensor& label_ids, c10::string_view activation,
+                                  bool squared_pred) {
+    return blob::dice_backward(K, grad, input, instances, coef, label_ids, activation,
+                               squared_pred);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward(
+      const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
+      c10::string_view activation, c10::string_view masking, double fp_weight, double fn_weight,
+      double smooth_nr, double smooth_dr, int64_t max_label) {
+    return blob::tversky_forward(K, input, instances, alpha, beta, activation, masking, fp_weight,
+                                 fn_weight, smooth_nr, smooth_dr, max_label);
+  }
+  static at::Tensor tversky(const at::Tensor& input, const at::Tensor& instances, double alpha,
+                            double beta, c10::string_view activation, c10::string_view masking,
+                            double fp_weight, double fn_weight, double smooth_nr, double smooth_dr,
+                            int64_t max_label) {
+    return std::get<0>(tversky_forward(input, instances, alpha, beta, activation, masking,
+                                       fp_weight, fn_weight, smooth_nr, smooth_dr, max_label));
+  }
+  static at::Tensor tversky_backward(const at::Tensor& grad, const at::Tensor& input,
+                                     const at::Tensor& instances, const at::Tensor& coef,
+                                     const at::Tensor& label_ids, c10::string_view activation) {
+    return blob::tversky_backward(K, grad, input, instances, coef, label_ids, activation);
+  }
+  static std::tuple<at::Tensor, at::Tensor> label_stats(const at::Tensor& input,
+                                                        const at::Tensor& instances,
+                                                        c10::string_view activation,
+                                                        bool squared_pred, int64_t max_label) {
+    return blob::label_stats(K, input, instances, activation, squared_pred, max_label);
+  }
+};
+
 // Error-message formatting without std::ostream number formatting: on one GPU machine's image
 // (torch 2.11, Python 3.12) a TORCH_CHECK that streamed an integer crashed the process, while
 // string-only messages worked. std::to_string avoids the locale facets involved.

@@ -126,70 +126,17 @@ bool backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at:
 const DeviceKernels kCpuKernels{&accumulate_cpu, &finalize_cpu, &backward_cpu,
                                 /*uses_invalid_flag=*/false};
 
-// ---- the CPU registrations ------------------------------------------------------------------
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_forward_cpu(
-    const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
-    c10::string_view activation, c10::string_view masking, bool squared_pred, double smooth_nr,
-    double smooth_dr, int64_t max_label) {
-  return dice_forward(kCpuKernels, input, instances, alpha, beta, activation, masking, squared_pred,
-                      smooth_nr, smooth_dr, max_label);
-}
-
-at::Tensor dice_cpu(const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
-                    c10::string_view activation, c10::string_view masking, bool squared_pred,
-                    double smooth_nr, double smooth_dr, int64_t max_label) {
-  return std::get<0>(dice_forward_cpu(input, instances, alpha, beta, activation, masking,
-                                      squared_pred, smooth_nr, smooth_dr, max_label));
-}
-
-at::Tensor dice_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
-                             const at::Tensor& instances, const at::Tensor& coef,
-                             const at::Tensor& label_ids, c10::string_view activation,
-                             bool squared_pred) {
-  return dice_backward(kCpuKernels, grad, input, instances, coef, label_ids, activation,
-                       squared_pred);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tversky_forward_cpu(
-    const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
-    c10::string_view activation, c10::string_view masking, double fp_weight, double fn_weight,
-    double smooth_nr, double smooth_dr, int64_t max_label) {
-  return tversky_forward(kCpuKernels, input, instances, alpha, beta, activation, masking, fp_weight,
-                         fn_weight, smooth_nr, smooth_dr, max_label);
-}
-
-at::Tensor tversky_cpu(const at::Tensor& input, const at::Tensor& instances, double alpha,
-                       double beta, c10::string_view activation, c10::string_view masking,
-                       double fp_weight, double fn_weight, double smooth_nr, double smooth_dr,
-                       int64_t max_label) {
-  return std::get<0>(tversky_forward_cpu(input, instances, alpha, beta, activation, masking,
-                                         fp_weight, fn_weight, smooth_nr, smooth_dr, max_label));
-}
-
-at::Tensor tversky_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
-                                const at::Tensor& instances, const at::Tensor& coef,
-                                const at::Tensor& label_ids, c10::string_view activation) {
-  return tversky_backward(kCpuKernels, grad, input, instances, coef, label_ids, activation);
-}
-
-std::tuple<at::Tensor, at::Tensor> label_stats_cpu(const at::Tensor& input,
-                                                   const at::Tensor& instances,
-                                                   c10::string_view activation, bool squared_pred,
-                                                   int64_t max_label) {
-  return label_stats(kCpuKernels, input, instances, activation, squared_pred, max_label);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(blob, CPU, m) {
-  m.impl("dice", &dice_cpu);
-  m.impl("tversky", &tversky_cpu);
-  m.impl("label_stats", &label_stats_cpu);
-  m.impl("_dice_forward", &dice_forward_cpu);
-  m.impl("_dice_backward", &dice_backward_cpu);
-  m.impl("_tversky_forward", &tversky_forward_cpu);
-  m.impl("_tversky_backward", &tversky_backward_cpu);
+  using Ops = DeviceOps<kCpuKernels>;
+  m.impl("dice", &Ops::dice);
+  m.impl("tversky", &Ops::tversky);
+  m.impl("label_stats", &Ops::label_stats);
+  m.impl("_dice_forward", &Ops::dice_forward);
+  m.impl("_dice_backward", &Ops::dice_backward);
+  m.impl("_tversky_forward", &Ops::tversky_forward);
+  m.impl("_tversky_backward", &Ops::tversky_backward);
 }
 
 }  // namespace blob

@@ -229,15 +229,69 @@ def _check_options(activation, masking, spatial_dims=None):
         raise ValueError('masking="official" is only defined for activation "sigmoid" or "none"')
 
 
+def _monai_style(activation, sigmoid, softmax, include_background, to_onehot_y, reduction, cls):
+    """Resolves MONAI's argument names (``sigmoid``, ``softmax``, ``include_background``,
+    ``to_onehot_y``, ``reduction``) against blob loss's; returns the activation.
+
+    Where a MONAI option has no meaning for blob loss the error says why.
+    """
+    if sigmoid and softmax:
+        raise ValueError(f"{cls}: sigmoid=True and softmax=True are exclusive (as in MONAI)")
+    alias = "sigmoid" if sigmoid else "softmax" if softmax else "none" if sigmoid is False else None
+    if activation is not None and alias is not None and alias != activation:
+        raise ValueError(f"{cls}: activation={activation!r} contradicts sigmoid={sigmoid!r}, softmax={softmax!r}")
+    activation = activation or alias or "sigmoid"
+    if not include_background and activation == "softmax":
+        raise ValueError(
+            f"{cls}: include_background=False is not supported with softmax: the fused op's global "
+            "term averages every class, the background class (channel 0) included"
+        )
+    if to_onehot_y:
+        raise ValueError(
+            f"{cls}: to_onehot_y has no meaning for blob loss: the target holds instance ids per "
+            "channel, not class indices; build them from a class map with "
+            "blobbench.label_instances(class_map, num_classes=C)"
+        )
+    if reduction != "mean":
+        raise ValueError(
+            f"{cls}: reduction must be 'mean', got {reduction!r}: blob loss is defined as a mean over "
+            "the instances, channels and batch elements (paper Eq. 2 and 3), so there is no per-element "
+            "loss to return or sum"
+        )
+    return activation
+
+
+def _without_background(input, instances, cls):
+    if input.dim() < 3 or input.shape[1] < 2:
+        raise ValueError(
+            f"{cls}: include_background=False needs at least 2 channels (channel 0 is left out), "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    return input[:, 1:], instances[:, 1:]
+
+
 class BlobDiceLoss(nn.Module):
     """Blob Dice loss (Kofler et al. 2022, Eq. 1-3) as a module; see :func:`blob_dice`.
 
     Args are those of :func:`blob_dice`; ``forward(input, instances)`` takes
     ``input: Tensor[B, C, *spatial]`` (logits) and ``instances: Tensor[B, C, *spatial]`` (ids).
 
+    MONAI's argument names are accepted where they mean something for blob loss:
+
+    - ``sigmoid=True`` / ``softmax=True``: aliases of ``activation="sigmoid"`` / ``"softmax"``;
+      ``sigmoid=False`` alone means no activation (``activation="none"``), as in MONAI. The
+      default, with neither, is the paper's sigmoid.
+    - ``include_background=False``: channel 0 is left out of the loss (sigmoid or none; with
+      softmax it is an error, the fused op's global term averages every class).
+    - ``to_onehot_y`` and ``reduction`` other than ``"mean"``: errors that say why (the target
+      holds instance ids; the paper's reduction is a mean).
+
+    The paper's names: ``alpha`` / ``beta`` weigh the global and the blob term (Eq. 2).
+
     Example:
         >>> loss_fn = BlobDiceLoss(alpha=2.0, beta=1.0)
         >>> loss = loss_fn(logits, instances)
+        >>> BlobDiceLoss(sigmoid=True, include_background=False)  # MONAI-style
     """
 
     def __init__(
@@ -245,15 +299,24 @@ class BlobDiceLoss(nn.Module):
         alpha: float = 2.0,
         beta: float = 1.0,
         *,
-        activation: str = "sigmoid",
+        activation: str | None = None,
         masking: str = "paper",
         squared_pred: bool = False,
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         max_label: int | None = None,
         spatial_dims: int | None = None,
+        sigmoid: bool | None = None,
+        softmax: bool | None = None,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        reduction: str = "mean",
     ):
         super().__init__()
+        activation = _monai_style(
+            activation, sigmoid, softmax, include_background, to_onehot_y, reduction, "BlobDiceLoss"
+        )
+        self.include_background = bool(include_background)
         _check_options(activation, masking, spatial_dims)
         self.alpha, self.beta = float(alpha), float(beta)
         self.activation, self.masking = activation, masking
@@ -264,6 +327,8 @@ class BlobDiceLoss(nn.Module):
         _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
+        if not self.include_background:
+            input, instances = _without_background(input, instances, "BlobDiceLoss")
         return blob_dice(
             input,
             instances,
@@ -286,7 +351,11 @@ class BlobDiceLoss(nn.Module):
 
 
 class BlobTverskyLoss(nn.Module):
-    """Blob Tversky loss as a module; see :func:`blob_tversky` (paper defaults 0.3 / 0.7)."""
+    """Blob Tversky loss as a module; see :func:`blob_tversky` (paper defaults 0.3 / 0.7).
+
+    MONAI's argument names (``sigmoid``, ``softmax``, ``include_background``, ``to_onehot_y``,
+    ``reduction``) are accepted as in :class:`BlobDiceLoss`.
+    """
 
     def __init__(
         self,
@@ -295,14 +364,23 @@ class BlobTverskyLoss(nn.Module):
         *,
         fp_weight: float = 0.3,
         fn_weight: float = 0.7,
-        activation: str = "sigmoid",
+        activation: str | None = None,
         masking: str = "paper",
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         max_label: int | None = None,
         spatial_dims: int | None = None,
+        sigmoid: bool | None = None,
+        softmax: bool | None = None,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        reduction: str = "mean",
     ):
         super().__init__()
+        activation = _monai_style(
+            activation, sigmoid, softmax, include_background, to_onehot_y, reduction, "BlobTverskyLoss"
+        )
+        self.include_background = bool(include_background)
         _check_options(activation, masking, spatial_dims)
         self.alpha, self.beta = float(alpha), float(beta)
         self.fp_weight, self.fn_weight = float(fp_weight), float(fn_weight)
@@ -313,6 +391,8 @@ class BlobTverskyLoss(nn.Module):
         _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
+        if not self.include_background:
+            input, instances = _without_background(input, instances, "BlobTverskyLoss")
         return blob_tversky(
             input,
             instances,

@@ -409,3 +409,34 @@ def test_inference_mode_and_no_grad_give_the_same_loss(device):
     eager = blob_dice(x, lab)
     assert not no_grad.requires_grad
     assert torch.equal(inference, eager) and torch.equal(no_grad, eager)
+
+
+# ---- issue 10 item 2: no Python between the user's call and the kernels ------------------------
+
+
+@pytest.mark.parametrize("loss_fn", [blob_dice, blob_tversky])
+def test_backward_runs_no_python(loss_fn):
+    # The autograd node is C++ (not a Python autograd.Function), and the engine's backward pass
+    # through it enters no Python function at all.
+    import sys
+
+    x, lab = _case()
+    x.requires_grad_(True)
+    loss = loss_fn(x, lab, max_label=3)
+    assert not isinstance(loss.grad_fn, torch.autograd.function.BackwardCFunction)
+    assert loss.grad_fn.name().startswith("torch::autograd::CppNode<blob::")
+    run_backward = torch.autograd.Variable._execution_engine.run_backward
+    seed = torch.ones_like(loss)
+    calls = []
+
+    def profiler(frame, event, arg):
+        if event == "call":
+            calls.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profiler)
+    try:
+        run_backward((loss,), (seed,), False, False, (), True, True)
+    finally:
+        sys.setprofile(None)
+    assert calls == [], calls
+    assert x.grad is not None and torch.isfinite(x.grad).all()

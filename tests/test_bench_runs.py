@@ -276,6 +276,11 @@ def test_busy_machine_is_said():
     assert "busy" in busy_warning({"cpus": 2, "load_before": [0.2, 0.1, 0.1], "load_after": [3.5, 2.0, 1.0]})
     assert busy_warning({"cpus": 2, "load_before": [0.2, 0.1, 0.1], "load_after": [0.9, 0.5, 0.3]}) == ""
     assert busy_warning({"cpus": 2, "load_before": None, "load_after": None}) == ""
+    # The run's own benchmark threads load the machine for the whole run: not other work.
+    own = {"cpus": 2, "load_before": [0.5, 2.0, 2.5], "load_after": [1.85, 2.0, 2.4]}
+    assert busy_warning(own, own_threads=2) == ""
+    assert "busy" in busy_warning(dict(own, load_after=[3.6, 2.0, 2.4]), own_threads=2)
+    assert "busy" in busy_warning(dict(own, load_before=[1.5, 1.0, 1.0]), own_threads=2)
 
 
 def test_bar_base_is_a_decade_below():

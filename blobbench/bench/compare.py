@@ -93,7 +93,10 @@ def compare_runs(old: dict, new: dict, threshold: float = 0.10, mem_threshold: f
            "old_machine": old.get("machine", {}).get("summary", "?"),
            "new_machine": new.get("machine", {}).get("summary", "?")}
     out["same_machine"] = out["old_machine"] == out["new_machine"]
-    out["busy"] = {k: busy_warning(r.get("run") or {}) for k, r in (("OLD", old), ("NEW", new))}
+    out["busy"] = {
+        k: busy_warning(r.get("run") or {}, (r.get("machine") or {}).get("threads") or 0)
+        for k, r in (("OLD", old), ("NEW", new))
+    }
     po, pn = old.get("host_proxy") or {}, new.get("host_proxy") or {}
     if po.get("status") == "ok" and pn.get("status") == "ok":
         r = pn["ratio"] / po["ratio"]

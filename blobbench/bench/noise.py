@@ -149,12 +149,18 @@ def _proxy_attempt(p: dict) -> dict:
     return {k: p[k] for k in ("status", "ratio", "rel_iqr", "ratio_q1", "ratio_q3") if k in p}
 
 
-def busy_warning(run: dict) -> str:
-    """A warning when the machine's 1-minute load, before or after the run, was over half its CPUs
-    (other work competed for them: timings are slower and noisier than the code's), else ''."""
+def busy_warning(run: dict, own_threads: int = 0) -> str:
+    """A warning when other work competed for the CPUs, else ''.
+
+    Other work means a 1-minute load over half the CPUs before the run, or after it once the
+    run's own ``own_threads`` (its benchmark threads, which load the machine for the whole run)
+    are taken off: without that every run of a small machine would call the machine busy.
+    """
     cpus = run.get("cpus") or 0
-    loads = [v[0] for v in (run.get("load_before"), run.get("load_after")) if v]
-    if cpus and loads and max(loads) > 0.5 * cpus:
-        return (f"WARNING: the machine was busy (1-minute load up to {max(loads):.2f} on {cpus} CPUs): other work "
-                f"competed for the CPUs, so timings are slower and noisier than the code's own")
+    before = (run.get("load_before") or [None])[0]
+    after = (run.get("load_after") or [None])[0]
+    others = [v for v in (before, None if after is None else after - min(own_threads, cpus)) if v is not None]
+    if cpus and others and max(others) > 0.5 * cpus:
+        return (f"WARNING: the machine was busy (1-minute load of other work up to {max(others):.2f} on {cpus} "
+                f"CPUs): it competed for the CPUs, so timings are slower and noisier than the code's own")
     return ""

@@ -113,7 +113,7 @@ def print_report(result: dict, file=None) -> None:
         p(f"run {run.get('id')} (revision {run.get('revision')}, started {run.get('started_utc')}); machine load "
           f"(1/5/15 min averages, {run.get('cpus')} CPUs) before {_load(run.get('load_before'))}, after "
           f"{_load(run.get('load_after'))}")
-        busy = busy_warning(run)
+        busy = busy_warning(run, result.get("machine", {}).get("threads") or 0)
         if busy:
             p(busy)
     p(f"fwd+bwd, float32 logits, int32 labels; median of up to {result['settings']['reps']} reps "
@@ -435,7 +435,7 @@ def readme_block(result: dict, run_dir) -> str:
     proxy = host_proxy_line(result.get("host_proxy"))
     if proxy:
         lines += ["", proxy[0].upper() + proxy[1:] + "."]
-    busy = busy_warning(run)
+    busy = busy_warning(run, result.get("machine", {}).get("threads") or 0)
     if busy:
         lines += ["", busy + "."]
     lines += ["", f"{len(flags)} measurement(s) of this run are flagged noisy (marked in `report.txt` and ringed in "

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import _ops  # noqa: F401  (registers the operators)
+from .instances import check_spatial_dims
 
 __all__ = ["blob_dice", "blob_tversky", "BlobDiceLoss", "BlobTverskyLoss"]
 
@@ -45,8 +46,7 @@ def _check_layout(input, spatial_dims, fn):
                 f"is spatial"
             )
         return
-    if spatial_dims not in (1, 2, 3):
-        raise ValueError(f"{fn}: spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    check_spatial_dims(spatial_dims, fn)
     if input.dim() != spatial_dims + 2:
         raise ValueError(
             f"{fn}: spatial_dims={spatial_dims} expects input of shape (B, C, *spatial) with "
@@ -218,9 +218,8 @@ _ACTIVATIONS = ("sigmoid", "softmax", "none")
 _MASKINGS = ("paper", "official")
 
 
-def _check_options(activation, masking, spatial_dims=None):
-    if spatial_dims is not None and spatial_dims not in (1, 2, 3):
-        raise ValueError(f"spatial_dims must be None, 1, 2 or 3, got {spatial_dims!r}")
+def _check_options(activation, masking, spatial_dims=None, owner="blob loss"):
+    check_spatial_dims(spatial_dims, owner)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if masking not in _MASKINGS:
@@ -317,7 +316,7 @@ class BlobDiceLoss(nn.Module):
             activation, sigmoid, softmax, include_background, to_onehot_y, reduction, "BlobDiceLoss"
         )
         self.include_background = bool(include_background)
-        _check_options(activation, masking, spatial_dims)
+        _check_options(activation, masking, spatial_dims, type(self).__name__)
         self.alpha, self.beta = float(alpha), float(beta)
         self.activation, self.masking = activation, masking
         self.squared_pred = bool(squared_pred)
@@ -381,7 +380,7 @@ class BlobTverskyLoss(nn.Module):
             activation, sigmoid, softmax, include_background, to_onehot_y, reduction, "BlobTverskyLoss"
         )
         self.include_background = bool(include_background)
-        _check_options(activation, masking, spatial_dims)
+        _check_options(activation, masking, spatial_dims, type(self).__name__)
         self.alpha, self.beta = float(alpha), float(beta)
         self.fp_weight, self.fn_weight = float(fp_weight), float(fn_weight)
         self.activation, self.masking = activation, masking

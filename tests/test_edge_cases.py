@@ -392,8 +392,10 @@ def test_spatial_dims_confirms_a_2d_layout():
     got = blob_dice(x2, lab2, spatial_dims=2)
     assert torch.equal(got, torch.ops.blob.dice(x2, lab2))
     assert torch.equal(blobbench.BlobDiceLoss(spatial_dims=2)(x2, lab2), got)
-    with pytest.raises(ValueError, match=r"spatial_dims must be None, 1, 2 or 3, got 4"):
+    with pytest.raises(ValueError, match=r"BlobDiceLoss: spatial_dims must be 1, 2 or 3, got 4"):
         blobbench.BlobDiceLoss(spatial_dims=4)
+    with pytest.raises(ValueError, match=r"blob_dice: spatial_dims must be 1, 2 or 3, got True"):
+        blob_dice(x2, lab2, spatial_dims=True)
 
 
 # ---- the autograd registration leaves the other modes alone ------------------------------------

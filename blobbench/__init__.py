@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ._ops import dense_label_limit, has_cuda_kernels
 from .instances import label_instances
-from .losses import BlobDiceLoss, BlobTverskyLoss, blob_dice, blob_tversky
+from .losses import BlobDiceCELoss, BlobDiceLoss, BlobTverskyLoss, blob_dice, blob_dice_ce, blob_tversky
 from .metrics import BlobMetrics, blob_metrics, detection_counts
 from .stats import InstanceStats, instance_stats
 
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LabelInstancesd": "transforms",
     "naive_blob_dice": "reference",
+    "naive_blob_dice_ce": "reference",
     "naive_blob_loss": "reference",
     "naive_blob_tversky": "reference",
     "vectorized_blob_loss": "reference",
@@ -37,6 +38,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from .reference import (
         naive_blob_dice,
+        naive_blob_dice_ce,
         naive_blob_loss,
         naive_blob_tversky,
         vectorized_blob_loss,
@@ -58,12 +60,14 @@ def __dir__():
 
 
 __all__ = [
+    "BlobDiceCELoss",
     "BlobDiceLoss",
     "BlobMetrics",
     "BlobTverskyLoss",
     "InstanceStats",
     "LabelInstancesd",
     "blob_dice",
+    "blob_dice_ce",
     "blob_metrics",
     "blob_tversky",
     "dense_label_limit",
@@ -72,6 +76,7 @@ __all__ = [
     "instance_stats",
     "label_instances",
     "naive_blob_dice",
+    "naive_blob_dice_ce",
     "naive_blob_loss",
     "naive_blob_tversky",
     "vectorized_blob_loss",

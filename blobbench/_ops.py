@@ -29,6 +29,7 @@ __all__ = ["dense_label_limit", "has_cuda_kernels"]
 # Mirrors of the C++ constants (csrc/blob_ops.h).
 _DENSE_TABLE_BUDGET = 256 << 20
 _NUM_STATS, _NUM_COEF = 3, 2
+_NUM_STATS_CE, _NUM_COEF_CE = 5, 4
 
 
 def dense_label_limit(voxels_per_plane: int) -> int:
@@ -36,11 +37,13 @@ def dense_label_limit(voxels_per_plane: int) -> int:
     return max(1 << 16, voxels_per_plane // 8)
 
 
-def _dense_for_bound(max_label: int, planes: int, voxels_per_plane: int) -> bool:
-    """Whether a caller-given ``max_label`` keeps a dense table (no compaction, no sync)."""
+def _dense_for_bound(max_label: int, planes: int, voxels_per_plane: int, entries: int = _NUM_STATS + _NUM_COEF) -> bool:
+    """Whether a caller-given ``max_label`` keeps a dense table (no compaction, no sync).
+
+    ``entries``: float64 values per label in the op's tables (5; 9 for Dice+CE)."""
     if max_label < dense_label_limit(voxels_per_plane):
         return True
-    return max_label < _DENSE_TABLE_BUDGET // (planes * (_NUM_STATS + _NUM_COEF) * 8)
+    return max_label < _DENSE_TABLE_BUDGET // (planes * entries * 8)
 
 
 # c10's names of the dtypes, as the C++ messages print them.
@@ -106,14 +109,7 @@ def _check_activation(activation, op):
 
 def _check_inputs(input, instances, activation, masking, max_label, op):
     _check_activation(activation, op)
-    if masking not in ("paper", "official"):
-        raise ValueError(f'{op}: `masking` must be "paper" or "official", got "{masking}"')
-    if masking == "official" and activation == "softmax":
-        raise ValueError(
-            f'{op}: masking="official" is only defined for activation "sigmoid" or '
-            f'"none" (the published code masks sigmoid logits); use masking="paper" '
-            f"with softmax"
-        )
+    _check_masking(activation, masking, op)
     _check_tensors(input, instances, op)
     if activation == "softmax" and input.shape[1] < 2:
         raise ValueError(
@@ -126,16 +122,39 @@ def _check_inputs(input, instances, activation, masking, max_label, op):
         )
 
 
+def _check_masking(activation, masking, op):
+    if masking not in ("paper", "official"):
+        raise ValueError(f'{op}: `masking` must be "paper" or "official", got "{masking}"')
+    if masking == "official" and activation == "softmax":
+        raise ValueError(
+            f'{op}: masking="official" is only defined for activation "sigmoid" or '
+            f'"none" (the published code masks sigmoid logits); use masking="paper" '
+            f"with softmax"
+        )
+
+
 def _loss_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _forward_fake(op, input, instances, activation, masking, max_label):
+def _check_dice_ce(activation, lambda_dice, lambda_ce, op):
+    if activation == "softmax":
+        raise ValueError(
+            f'{op}: activation="softmax" is not supported: blob Dice+CE takes one binary '
+            f'cross-entropy per channel and per instance (activation "sigmoid" or "none"); use '
+            f"blob.dice with softmax, or one sigmoid channel per class"
+        )
+    if not (lambda_dice >= 0 and lambda_ce >= 0):
+        raise ValueError(f"{op}: `lambda_dice` and `lambda_ce` must be >= 0, got {lambda_dice:f} and {lambda_ce:f}")
+
+
+def _forward_fake(op, input, instances, activation, masking, max_label, ncoef=_NUM_COEF):
     _check_inputs(input, instances, activation, masking, max_label, op)
     B, C = input.shape[:2]
     voxels = math.prod(input.shape[2:])
     loss = input.new_empty((), dtype=_loss_dtype(input.dtype))
-    if max_label >= 0 and _dense_for_bound(max_label, B * C, voxels):
+    entries = _NUM_STATS_CE + _NUM_COEF_CE if ncoef == _NUM_COEF_CE else _NUM_STATS + _NUM_COEF
+    if max_label >= 0 and _dense_for_bound(max_label, B * C, voxels, entries):
         K = max(max_label + 1, 2) if activation == "softmax" else max_label + 1
         label_ids = instances.new_empty((B, C, 0))
     else:
@@ -143,7 +162,7 @@ def _forward_fake(op, input, instances, activation, masking, max_label):
         ctx = torch.library.get_ctx()
         K = ctx.new_dynamic_size(min=2)
         label_ids = instances.new_empty((B, C, ctx.new_dynamic_size()))
-    coef = input.new_empty((B, C, K, _NUM_COEF), dtype=torch.float64)
+    coef = input.new_empty((B, C, K, ncoef), dtype=torch.float64)
     return loss, coef, label_ids
 
 
@@ -159,6 +178,50 @@ def _tversky_forward_fake(
     input, instances, alpha, beta, activation, masking, fp_weight, fn_weight, smooth_nr, smooth_dr, max_label
 ):
     return _forward_fake("blob.tversky", input, instances, activation, masking, max_label)
+
+
+@torch.library.register_fake("blob::_dice_ce_forward")
+def _dice_ce_forward_fake(
+    input,
+    instances,
+    alpha,
+    beta,
+    lambda_dice,
+    lambda_ce,
+    activation,
+    masking,
+    squared_pred,
+    smooth_nr,
+    smooth_dr,
+    max_label,
+):
+    _check_activation(activation, "blob.dice_ce")
+    _check_masking(activation, masking, "blob.dice_ce")
+    _check_dice_ce(activation, lambda_dice, lambda_ce, "blob.dice_ce")
+    return _forward_fake("blob.dice_ce", input, instances, activation, masking, max_label, _NUM_COEF_CE)
+
+
+@torch.library.register_fake("blob::dice_ce")
+def _dice_ce_fake(
+    input,
+    instances,
+    alpha=2.0,
+    beta=1.0,
+    *,
+    lambda_dice=1.0,
+    lambda_ce=1.0,
+    activation="sigmoid",
+    masking="paper",
+    squared_pred=False,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    max_label=-1,
+):
+    _check_activation(activation, "blob.dice_ce")
+    _check_masking(activation, masking, "blob.dice_ce")
+    _check_dice_ce(activation, lambda_dice, lambda_ce, "blob.dice_ce")
+    _check_inputs(input, instances, activation, masking, max_label, "blob.dice_ce")
+    return input.new_empty((), dtype=_loss_dtype(input.dtype))
 
 
 @torch.library.register_fake("blob::dice")
@@ -198,7 +261,7 @@ def _tversky_fake(
     return input.new_empty((), dtype=_loss_dtype(input.dtype))
 
 
-def _backward_fake(op, grad, input, instances, coef, label_ids, activation):
+def _backward_fake(op, grad, input, instances, coef, label_ids, activation, ncoef=_NUM_COEF):
     _check_activation(activation, op)
     _check_tensors(input, instances, op)
     if grad.numel() != 1 or not grad.dtype.is_floating_point:
@@ -211,11 +274,11 @@ def _backward_fake(op, grad, input, instances, coef, label_ids, activation):
         coef.dim() != 4
         or coef.shape[0] != B
         or coef.shape[1] != C
-        or coef.shape[3] != _NUM_COEF
+        or coef.shape[3] != ncoef
         or coef.dtype != torch.float64
     ):
         raise ValueError(
-            f"{op}: `coef` must be the (B, C, K, 2) float64 table of the forward op, "
+            f"{op}: `coef` must be the (B, C, K, {ncoef}) float64 table of the forward op, "
             f"got {_shape(coef)} {_name(coef.dtype)}"
         )
     if label_ids.dim() != 3 or label_ids.shape[0] != B or label_ids.shape[1] != C or label_ids.dtype != instances.dtype:
@@ -240,6 +303,15 @@ def _dice_backward_fake(grad, input, instances, coef, label_ids, activation, squ
 @torch.library.register_fake("blob::_tversky_backward")
 def _tversky_backward_fake(grad, input, instances, coef, label_ids, activation):
     return _backward_fake("blob.tversky (backward)", grad, input, instances, coef, label_ids, activation)
+
+
+@torch.library.register_fake("blob::_dice_ce_backward")
+def _dice_ce_backward_fake(grad, input, instances, coef, label_ids, activation, squared_pred):
+    op = "blob.dice_ce (backward)"
+    _check_activation(activation, op)
+    if activation == "softmax":
+        raise ValueError(f'{op}: activation="softmax" is not supported by blob Dice+CE')
+    return _backward_fake(op, grad, input, instances, coef, label_ids, activation, _NUM_COEF_CE)
 
 
 @torch.library.register_fake("blob::label_stats")
@@ -278,7 +350,27 @@ def _tversky_forward_backward(ctx, grad_loss, _grad_coef, _grad_ids):
     return (grad_input,) + (None,) * 10
 
 
+def _dice_ce_setup_context(ctx, inputs, output):
+    input, instances = inputs[0], inputs[1]
+    _, coef, label_ids = output
+    ctx.save_for_backward(input, instances, coef, label_ids)
+    ctx.mark_non_differentiable(coef, label_ids)
+    ctx.activation = inputs[6]
+    ctx.squared_pred = bool(inputs[8])
+
+
+def _dice_ce_forward_backward(ctx, grad_loss, _grad_coef, _grad_ids):
+    input, instances, coef, label_ids = ctx.saved_tensors
+    grad_input = torch.ops.blob._dice_ce_backward(
+        grad_loss, input, instances, coef, label_ids, ctx.activation, ctx.squared_pred
+    )
+    return (grad_input,) + (None,) * 11
+
+
 torch.library.register_autograd("blob::_dice_forward", _dice_forward_backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "blob::_dice_ce_forward", _dice_ce_forward_backward, setup_context=_dice_ce_setup_context
+)
 torch.library.register_autograd("blob::_tversky_forward", _tversky_forward_backward, setup_context=_setup_context)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "naive_blob_loss",
     "naive_blob_dice",
     "naive_blob_tversky",
+    "naive_blob_dice_ce",
     "vectorized_blob_loss",
     "global_targets",
 ]
@@ -179,6 +180,73 @@ def naive_blob_tversky(
         )
 
     return _naive_total(input, instances, make, alpha, beta, activation, masking)
+
+
+def _check_dice_ce(activation: str, lambda_dice: float, lambda_ce: float) -> None:
+    if activation == "softmax":
+        raise ValueError(
+            'blob Dice+CE is defined for activation "sigmoid" or "none" (one binary cross-entropy '
+            "per channel and per instance); softmax cross-entropy over classes has no per-instance "
+            "form in the paper's loop"
+        )
+    if lambda_dice < 0 or lambda_ce < 0:
+        raise ValueError(f"lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}")
+
+
+def naive_blob_dice_ce(
+    input: torch.Tensor,
+    instances: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    *,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    activation: str = "sigmoid",
+    masking: str = "paper",
+    squared_pred: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+) -> torch.Tensor:
+    """Blob Dice+CE with the paper's loop and MONAI's ``DiceCELoss``: the oracle of ``blob_dice_ce``.
+
+    The criterion of every term is ``lambda_dice * Dice + lambda_ce * BCE`` (MONAI ``DiceCELoss``
+    on one channel, where it uses ``BCEWithLogitsLoss``):
+
+    * global term: MONAI ``DiceCELoss(sigmoid=True)`` on each channel of the logits, averaged over
+      the channels (for one channel exactly ``DiceCELoss(sigmoid=True)`` on the whole output; for
+      several, per-channel binary cross-entropy, where MONAI would switch to a softmax
+      cross-entropy over channels that does not fit sigmoid outputs). With ``activation="none"``:
+      ``DiceLoss`` + ``binary_cross_entropy`` on the probabilities.
+    * blob term, ``masking="official"`` (sigmoid): ``DiceCELoss(sigmoid=True)`` on the logits
+      multiplied by the instance's mask, as the published code applies its criterion (other
+      instances enter as logit 0 with target 0).
+    * blob term, ``masking="paper"`` (or ``activation="none"``, where both maskings agree): the
+      criterion on the masked probabilities ``p * mask``: ``DiceLoss`` and
+      ``torch.nn.functional.binary_cross_entropy`` (a mean over all voxels of the plane; a
+      masked voxel adds 0 to the sum; logs clamped at -100 as torch does).
+
+    ``activation="softmax"`` raises. Other arguments as in :func:`naive_blob_dice`.
+    """
+    _check_masking(masking, activation)
+    _check_dice_ce(activation, lambda_dice, lambda_ce)
+    losses = require("monai.losses", "monai", "naive_blob_dice_ce")
+    dice_args = dict(squared_pred=squared_pred, smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+    bce = torch.nn.functional.binary_cross_entropy
+
+    def on_probabilities(p, g):
+        dice = losses.DiceLoss(include_background=True, sigmoid=False, **dice_args)(p, g)
+        return lambda_dice * dice + lambda_ce * bce(p, g)
+
+    targets = global_targets(instances, activation, input.dtype)
+    if activation == "sigmoid":
+        dice_ce = losses.DiceCELoss(sigmoid=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce, **dice_args)
+        channels = [dice_ce(input[:, c : c + 1], targets[:, c : c + 1]) for c in range(input.shape[1])]
+        global_loss = sum(channels) / len(channels)
+    else:
+        global_loss = on_probabilities(input, targets)
+    criterion = dice_ce if masking == "official" and activation == "sigmoid" else on_probabilities
+    blob_loss = naive_blob_loss(input, instances, criterion, activation=activation, masking=masking)
+    return alpha * global_loss + beta * blob_loss
 
 
 def vectorized_blob_loss(

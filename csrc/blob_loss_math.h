@@ -37,6 +37,13 @@ enum LossKind : int32_t { kDice = 0, kTversky = 1 };
 constexpr int kNumStats = 3;
 // Coefficients stored per label: a (multiplies 1) and b (multiplies dpow(p) = q p^(q-1)).
 constexpr int kNumCoef = 2;
+// Blob Dice+CE adds two statistics per label, the sums of the voxels' binary cross-entropy
+// against their own target [l > 0] in the two forms torch computes it (bce_logits, bce_prob
+// below): column 3 in the form of the global term, column 4 in the form of the blob terms;
+// and two coefficients: c multiplies (p - y) (BCE with logits), d multiplies torch's
+// dBCE/dp = (p - y) / max(p (1 - p), eps) (BCE on probabilities), times act'(x).
+constexpr int kNumStatsCE = 5;
+constexpr int kNumCoefCE = 4;
 
 struct LossParams {
   int32_t kind;        // LossKind
@@ -49,7 +56,49 @@ struct LossParams {
   double tversky_fn;  // Tversky weight of false negatives (paper: 0.7)
   double alpha;       // weight of the global term (paper Eq. 2)
   double beta;        // weight of the blob term (paper Eq. 2)
+  // Blob Dice+CE (kind == kDice only): every term is lambda_dice * Dice + lambda_ce * BCE, the
+  // BCE a mean over the plane's voxels (inv_voxels = 1 / V). with_ce == false: plain Dice or
+  // Tversky (lambda_dice = 1, lambda_ce = 0).
+  bool with_ce;
+  double lambda_dice;
+  double lambda_ce;
+  double inv_voxels;
 };
+
+BLOB_HD int num_stats(const LossParams& prm) { return prm.with_ce ? kNumStatsCE : kNumStats; }
+BLOB_HD int num_coef(const LossParams& prm) { return prm.with_ce ? kNumCoefCE : kNumCoef; }
+
+// ---- binary cross-entropy of one voxel against its target y = [l > 0] ----------------------
+// As torch computes them: BCEWithLogitsLoss (softplus of -x or x), and binary_cross_entropy on a
+// probability with its logs clamped at -100 and its gradient (p - y) / max(p (1 - p), 1e-12f).
+// The global term of a sigmoid output and the blob terms of official masking (the published
+// code applies MONAI's DiceCELoss(sigmoid=True), i.e. BCE with logits, to masked logits) use
+// the first; "none" (probabilities) and the blob terms of paper masking (the criterion on the
+// masked probabilities p * mask) the second.
+template <typename T>
+BLOB_HD T bce_logits(T x, bool target) {
+  const T z = target ? -x : x;
+  return (z > T(0) ? z : T(0)) + log1p(exp(-fabs(x)));
+}
+
+template <typename T>
+BLOB_HD T bce_prob(T p, bool target) {
+  const T l = target ? log(p) : log1p(-p);
+  return l > T(-100) ? -l : T(100);
+}
+
+template <typename T>
+BLOB_HD T bce_prob_grad(T p, bool target) {
+  const T d = p * (T(1) - p);
+  const T eps = static_cast<T>(1e-12f);
+  return (p - (target ? T(1) : T(0))) / (d > eps ? d : eps);
+}
+
+// Whether the global term's BCE is the logit form (sigmoid) and whether the blob terms' is.
+BLOB_HD bool global_ce_on_logits(const LossParams& prm) { return prm.activation == kSigmoid; }
+BLOB_HD bool blob_ce_on_logits(const LossParams& prm) {
+  return prm.activation == kSigmoid && prm.masking == kOfficial;
+}
 
 // Loss value and partial derivatives of one region term.
 struct RegionTerm {
@@ -123,6 +172,16 @@ BLOB_HD RegionTerm blob_term(const PlaneTotals& t, const double* st0, const doub
   return region_term(stk[0], stk[2], st0[1] + stk[1], st0[0], masked, prm);
 }
 
+// Dice+CE: the BCE part of the global term of a plane (mean over its V voxels) and of the blob
+// term of label k. Under official masking the other instances' voxels enter as logit 0 with
+// target 0, log 2 each; under paper masking as probability 0 with target 0, which adds 0.
+BLOB_HD double global_ce(double ce_sum, const LossParams& prm) { return ce_sum * prm.inv_voxels; }
+BLOB_HD double blob_ce(const PlaneTotals& t, const double* st0, const double* stk,
+                       const LossParams& prm) {
+  const double masked = blob_ce_on_logits(prm) ? 0.6931471805599453 * (t.n_fg - stk[2]) : 0.0;
+  return (st0[4] + stk[4] + masked) * prm.inv_voxels;
+}
+
 // Per-(b, c) summary of the blob term: sum of instance losses, instance count, and the sums
 // over instances of the derivatives a background voxel receives.
 struct PlaneBlob {
@@ -160,6 +219,21 @@ BLOB_HD void label_coef(int64_t k, const double* st0, const double* stk, const P
   }
   coef[0] = a;
   coef[1] = b;
+}
+
+// Dice+CE: coefficients (c, d) of label k's BCE gradient (see kNumCoefCE). w_global and w_blob
+// as for label_coef, without lambda_ce; n_inst: the plane's number of instance terms. The
+// global term reaches every voxel as its own target; the blob terms reach a voxel of instance k
+// through L_k only (it is masked in the others, without gradient) and a background voxel
+// through every L_k of its channel.
+BLOB_HD void label_ce_coef(int64_t k, const double* stk, double n_inst, double w_global,
+                           double w_blob, const LossParams& prm, double* coef) {
+  const double scale = prm.lambda_ce * prm.inv_voxels;
+  double blob = 0.0;
+  if (w_blob != 0.0) blob = k == 0 ? w_blob * n_inst : (stk[2] > 0.0 ? w_blob : 0.0);
+  const double g = w_global * scale, bl = blob * scale;
+  coef[0] = (global_ce_on_logits(prm) ? g : 0.0) + (blob_ce_on_logits(prm) ? bl : 0.0);
+  coef[1] = (global_ce_on_logits(prm) ? 0.0 : g) + (blob_ce_on_logits(prm) ? 0.0 : bl);
 }
 
 // ---- combining the planes (paper Eq. 2 and 3) ------------------------------------------------

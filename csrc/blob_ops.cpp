@@ -22,6 +22,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -128,9 +129,12 @@ at::Tensor read_labels(const at::Tensor& instances, int32_t activation) {
 // Whether a caller-bounded table of max_label + 1 entries per plane stays dense: always below
 // dense_label_limit, and above it while stats and coefficients fit kDenseTableBudget. Written
 // so that no int64 overflows (max_label may be 2^63 - 1). Mirrored by blobbench/_ops.py.
-bool dense_for_bound(int64_t max_label, int64_t planes, int64_t voxels_per_plane) {
+// `entries`: doubles per label in the op's tables (stats + coefficients: 5 for Dice and Tversky,
+// 9 for Dice+CE).
+bool dense_for_bound(int64_t max_label, int64_t planes, int64_t voxels_per_plane,
+                     int64_t entries) {
   if (max_label < dense_label_limit(voxels_per_plane)) return true;
-  const int64_t per_label = planes * (kNumStats + kNumCoef) * int64_t(sizeof(double));
+  const int64_t per_label = planes * entries * int64_t(sizeof(double));
   return max_label < kDenseTableBudget / per_label;
 }
 
@@ -183,13 +187,13 @@ LabelRange compact_labels(const at::Tensor& instances, int32_t activation, int64
 }
 
 LabelRange resolve_labels(const at::Tensor& instances, int32_t activation, int64_t max_label,
-                          const char* op) {
+                          int64_t entries, const char* op) {
   const int64_t B = instances.size(0), C = instances.size(1);
   const int64_t V = instances.numel() / (B * C);
   const bool softmax = activation == kSoftmax;
   LabelRange r;
   if (max_label >= 0) {
-    if (dense_for_bound(max_label, B * C, V)) {
+    if (dense_for_bound(max_label, B * C, V, entries)) {
       // No sync. The CPU raises on an id outside [0, max_label]; CUDA makes the loss NaN.
       r.labels = instances;
       r.label_ids = at::empty({B, C, 0}, instances.options());
@@ -229,6 +233,10 @@ LossParams make_params(int32_t kind, double alpha, double beta, const std::strin
   p.tversky_fn = tversky_fn;
   p.alpha = alpha;
   p.beta = beta;
+  p.with_ce = false;
+  p.lambda_dice = 1.0;
+  p.lambda_ce = 0.0;
+  p.inv_voxels = 0.0;
   return p;
 }
 
@@ -247,35 +255,57 @@ at::ScalarType loss_dtype(at::ScalarType input) {
 void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const LossParams& prm,
                    double* loss, double* coef) {
   const int64_t P = B * C;
+  const int64_t ns = num_stats(prm), nc = num_coef(prm);
   // Small tables are finalised inline: a thread-pool round trip costs more than the work.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(K, 1));
   std::vector<PlaneResult> pr(P);
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const double* st = stats + i * K * kNumStats;
+      const double* st = stats + i * K * ns;
       PlaneResult& r = pr[i];
       r.totals = PlaneTotals{0, 0, 0, 0};
-      for (int64_t k = 0; k < K; ++k) add_to_totals(r.totals, k, st + k * kNumStats);
+      double ce_sum = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        add_to_totals(r.totals, k, st + k * ns);
+        if (prm.with_ce) ce_sum += st[k * ns + 3];
+      }
       r.global_loss = global_term(r.totals, st, prm).loss;
       r.blob = PlaneBlob{0, 0, 0, 0};
+      double blob_ce_sum = 0.0;
       const bool has_blob_term = !(prm.activation == kSoftmax && i % C == 0);
       if (has_blob_term) {
         for (int64_t k = 1; k < K; ++k) {
-          if (st[k * kNumStats + 2] > 0.0)
-            add_blob(r.blob, blob_term(r.totals, st, st + k * kNumStats, prm));
+          const double* stk = st + k * ns;
+          if (stk[2] > 0.0) {
+            add_blob(r.blob, blob_term(r.totals, st, stk, prm));
+            if (prm.with_ce) blob_ce_sum += blob_ce(r.totals, st, stk, prm);
+          }
         }
+      }
+      if (prm.with_ce) {
+        // Every term is lambda_dice * Dice + lambda_ce * BCE; the derivative sums in r.blob stay
+        // those of the Dice terms (label_coef scales them by its weights).
+        r.global_loss = prm.lambda_dice * r.global_loss + prm.lambda_ce * global_ce(ce_sum, prm);
+        r.blob.loss_sum = prm.lambda_dice * r.blob.loss_sum + prm.lambda_ce * blob_ce_sum;
       }
     }
   });
   std::vector<double> w_blob(P);
   double w_global = 0.0;
   *loss = combine_planes(pr.data(), B, C, prm, w_blob.data(), &w_global);
+  const double ld = prm.with_ce ? prm.lambda_dice : 1.0;
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const double* st = stats + i * K * kNumStats;
+      const double* st = stats + i * K * ns;
       for (int64_t k = 0; k < K; ++k) {
-        label_coef(k, st, st + k * kNumStats, pr[i].totals, pr[i].blob, w_global, w_blob[i], prm,
-                   coef + (i * K + k) * kNumCoef);
+        double* ck = coef + (i * K + k) * nc;
+        if (!prm.with_ce) {
+          label_coef(k, st, st + k * ns, pr[i].totals, pr[i].blob, w_global, w_blob[i], prm, ck);
+        } else {
+          label_coef(k, st, st + k * ns, pr[i].totals, pr[i].blob, ld * w_global, ld * w_blob[i],
+                     prm, ck);
+          label_ce_coef(k, st + k * ns, pr[i].blob.count, w_global, w_blob[i], prm, ck + 2);
+        }
       }
     }
   });
@@ -294,9 +324,10 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
                              const at::Tensor& instances, const LossParams& prm, int64_t max_label,
                              const char* op) {
   check_inputs(input, instances, prm.activation, max_label, op);
-  LabelRange range = resolve_labels(instances, prm.activation, max_label, op);
+  LabelRange range =
+      resolve_labels(instances, prm.activation, max_label, num_stats(prm) + num_coef(prm), op);
   Accumulated a;
-  a.stats = at::empty({input.size(0), input.size(1), range.K, kNumStats},
+  a.stats = at::empty({input.size(0), input.size(1), range.K, num_stats(prm)},
                       input.options().dtype(at::kDouble));
   if (kernels.uses_invalid_flag) a.invalid = at::zeros({}, input.options().dtype(at::kInt));
   const bool ok = kernels.accumulate(as_planes(input), as_planes(range.labels), prm, range.K,
@@ -307,14 +338,107 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   return a;
 }
 
+// ---- Dice+CE on devices without fused CE kernels ---------------------------------------------
+// (CUDA for now: its kernels compute the Dice sums and the Dice gradient only.) The Dice part
+// runs the device's kernels; the per-label BCE sums and the BCE part of the gradient are ATen
+// ops (an index_add and elementwise ops); the finalisation runs on the host (one sync). The same
+// numbers as the fused CPU kernels, which tests hold it to on the CPU through
+// BLOBBENCH_DICE_CE=composite.
+
+bool use_ce_composite(const DeviceKernels& kernels) {
+  if (!kernels.fused_ce) return true;
+  const char* env = std::getenv("BLOBBENCH_DICE_CE");
+  return env != nullptr && std::string(env) == "composite";
+}
+
+// The labels the kernels read, as indices into the (B, C, K) table: the instances, or their
+// positions in label_ids when the forward compacted them.
+at::Tensor table_labels(const at::Tensor& instances, const at::Tensor& label_ids,
+                        int32_t activation) {
+  if (label_ids.size(2) == 0) return instances;
+  const int64_t B = instances.size(0), C = instances.size(1), K = label_ids.size(2);
+  return at::searchsorted(label_ids.reshape({B * C, K}), compaction_source(instances, activation))
+      .view({B, C, -1});
+}
+
+at::ScalarType acc_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Flat (B*C*V) indices into the (B*C*K) table. Ids outside [0, K) are clamped: they can only
+// reach here on CUDA, where the invalid flag already turns the result into NaN.
+at::Tensor flat_table_index(const at::Tensor& labels, int64_t K) {
+  const int64_t B = labels.size(0), C = labels.size(1);
+  at::Tensor idx = as_planes(labels).to(at::kLong).clamp(0, K - 1);
+  return idx.add_(at::arange(B * C, idx.options()).mul_(K).view({B, C, 1})).view({-1});
+}
+
+// Per-voxel BCE in the form of the global term (column 0) and of the blob terms (column 1).
+at::Tensor voxel_bce(const at::Tensor& x, const at::Tensor& target, const LossParams& prm) {
+  auto logits_form = [&] {
+    at::Tensor z = at::where(target, x.neg(), x);
+    return z.clamp_min(0).add_(x.abs().neg_().exp_().log1p_());
+  };
+  auto prob_form = [&] {
+    at::Tensor p = prm.activation == kSigmoid ? x.sigmoid() : x;
+    return at::where(target, p.log(), p.neg().log1p_()).clamp_min_(-100).neg_();
+  };
+  at::Tensor g = global_ce_on_logits(prm) ? logits_form() : prob_form();
+  at::Tensor b = blob_ce_on_logits(prm) == global_ce_on_logits(prm)
+                     ? g
+                     : (blob_ce_on_logits(prm) ? logits_form() : prob_form());
+  return at::stack({g, b}, -1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward_composite(
+    const DeviceKernels& kernels, const at::Tensor& input, const at::Tensor& instances,
+    const LossParams& prm, int64_t max_label, const char* op) {
+  LossParams dice = prm;
+  dice.with_ce = false;
+  check_inputs(input, instances, prm.activation, max_label, op);
+  // The label range of the Dice+CE op (its tables are wider), then the device's Dice pass.
+  LabelRange range =
+      resolve_labels(instances, prm.activation, max_label, num_stats(prm) + num_coef(prm), op);
+  const int64_t B = input.size(0), C = input.size(1), K = range.K;
+  at::Tensor stats3 = at::empty({B, C, K, kNumStats}, input.options().dtype(at::kDouble));
+  at::Tensor invalid;
+  if (kernels.uses_invalid_flag) invalid = at::zeros({}, input.options().dtype(at::kInt));
+  const bool ok = kernels.accumulate(as_planes(input), as_planes(range.labels), dice, K,
+                                     range.bound, stats3, invalid, op);
+  TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
+                    num(range.bound - 1), "), or a negative id");
+  at::Tensor labels = as_planes(range.labels);
+  at::Tensor x = as_planes(input).to(acc_dtype(input.scalar_type()));
+  at::Tensor bce = voxel_bce(x, labels.gt(0), prm).to(at::kDouble).view({-1, 2});
+  at::Tensor ce = at::zeros({B * C * K, 2}, stats3.options())
+                      .index_add_(0, flat_table_index(labels, K), bce)
+                      .view({B, C, K, 2});
+  at::Tensor stats = at::cat({stats3, ce}, -1).cpu().contiguous();
+  at::Tensor coef_host = at::empty({B, C, K, kNumCoefCE}, stats.options());
+  double value = 0.0;
+  finalize_host(stats.data_ptr<double>(), B, C, K, prm, &value, coef_host.data_ptr<double>());
+  at::Tensor loss = at::scalar_tensor(value, stats.options())
+                        .to(input.device(), loss_dtype(input.scalar_type()));
+  at::Tensor coef = coef_host.to(input.device());
+  if (invalid.defined()) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    loss.masked_fill_(invalid.ne(0), nan);
+    coef.masked_fill_(invalid.ne(0), nan);
+  }
+  return {loss, coef, range.label_ids};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const DeviceKernels& kernels,
                                                             const at::Tensor& input,
                                                             const at::Tensor& instances,
                                                             const LossParams& prm,
                                                             int64_t max_label, const char* op) {
+  if (prm.with_ce && use_ce_composite(kernels)) {
+    return dice_ce_forward_composite(kernels, input, instances, prm, max_label, op);
+  }
   Accumulated a = accumulate_stats(kernels, input, instances, prm, max_label, op);
   auto loss = at::empty({}, input.options().dtype(loss_dtype(input.scalar_type())));
-  auto coef = at::empty({input.size(0), input.size(1), a.stats.size(2), kNumCoef},
+  auto coef = at::empty({input.size(0), input.size(1), a.stats.size(2), num_coef(prm)},
                         input.options().dtype(at::kDouble));
   kernels.finalize(a.stats, a.invalid, prm, loss, coef, op);
   return {loss, coef, a.label_ids};
@@ -323,15 +447,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const DeviceKernels&
 // Validates every argument of a backward op (they can be called directly, e.g. by opcheck).
 void check_backward_args(const at::Tensor& grad, const at::Tensor& input,
                          const at::Tensor& instances, const at::Tensor& coef,
-                         const at::Tensor& label_ids, const char* op) {
+                         const at::Tensor& label_ids, int64_t ncoef, const char* op) {
   check_tensors(input, instances, op);
   TORCH_CHECK_VALUE(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()), op,
                     ": `grad` must be a floating scalar (the gradient of the loss), got shape ",
                     shape(grad.sizes()), " ", c10::toString(grad.scalar_type()));
   TORCH_CHECK_VALUE(coef.dim() == 4 && coef.size(0) == input.size(0) &&
                         coef.size(1) == input.size(1) && coef.size(2) >= 1 &&
-                        coef.size(3) == kNumCoef && coef.scalar_type() == at::kDouble,
-                    op, ": `coef` must be the (B, C, K, 2) float64 table of the forward op, got ",
+                        coef.size(3) == ncoef && coef.scalar_type() == at::kDouble,
+                    op, ": `coef` must be the (B, C, K, ", num(ncoef),
+                    ") float64 table of the forward op, got ",
                     shape(coef.sizes()), " ", c10::toString(coef.scalar_type()));
   TORCH_CHECK_VALUE(label_ids.dim() == 3 && label_ids.size(0) == input.size(0) &&
                         label_ids.size(1) == input.size(1) &&
@@ -352,21 +477,36 @@ at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_ou
                          const at::Tensor& input, const at::Tensor& instances,
                          const at::Tensor& coef, const at::Tensor& label_ids, const LossParams& prm,
                          const char* op) {
-  check_backward_args(grad_out, input, instances, coef, label_ids, op);
-  at::Tensor labels = instances;
-  if (label_ids.size(2) > 0) {
-    const int64_t B = input.size(0), C = input.size(1), K = label_ids.size(2);
-    labels = at::searchsorted(label_ids.reshape({B * C, K}),
-                              compaction_source(instances, prm.activation))
-                 .view({B, C, -1});
-  }
+  check_backward_args(grad_out, input, instances, coef, label_ids, num_coef(prm), op);
   auto x = as_planes(input);
-  auto lab = as_planes(labels);
+  auto lab = as_planes(table_labels(instances, label_ids, prm.activation));
   auto grad_input = at::empty_like(x);
+  const bool composite = prm.with_ce && use_ce_composite(kernels);
+  LossParams dice = prm;
+  if (composite) dice.with_ce = false;
+  at::Tensor cf = composite ? coef.narrow(3, 0, kNumCoef).contiguous() : coef.contiguous();
   // grad_out as given (any floating dtype, one element): each device reads it in double.
-  const bool ok = kernels.backward(grad_out, x, lab, coef.contiguous(), prm, grad_input, op);
+  const bool ok = kernels.backward(grad_out, x, lab, cf, dice, grad_input, op);
   TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside the coefficient table [0, ",
                     num(coef.size(2) - 1), "]");
+  if (composite) {
+    // The BCE part: grad_out * (c[l] (p - y) + d[l] dBCE/dp act'(x)), c and d from the table.
+    const int64_t K = coef.size(2);
+    at::Tensor idx = flat_table_index(lab, K).view(lab.sizes());
+    at::Tensor c = coef.select(3, 2).reshape({-1}).index_select(0, idx.view({-1})).view(lab.sizes());
+    at::Tensor d = coef.select(3, 3).reshape({-1}).index_select(0, idx.view({-1})).view(lab.sizes());
+    const auto acc = acc_dtype(input.scalar_type());
+    at::Tensor xa = x.to(acc);
+    at::Tensor p = prm.activation == kSigmoid ? xa.sigmoid() : xa;
+    at::Tensor y = lab.gt(0).to(acc);
+    at::Tensor py = p - y;
+    at::Tensor pq = p * (1 - p);
+    at::Tensor dprob = py / pq.clamp_min(static_cast<double>(1e-12f));
+    if (prm.activation == kSigmoid) dprob.mul_(pq);
+    at::Tensor g = c.to(acc).mul(py).add_(d.to(acc).mul(dprob));
+    g.mul_(grad_out.reshape({}).to(acc));
+    grad_input.add_(g.to(grad_input.scalar_type()));
+  }
   return grad_input.view(input.sizes());
 }
 
@@ -417,6 +557,45 @@ at::Tensor tversky_backward(const DeviceKernels& k, const at::Tensor& grad, cons
   return loss_backward(k, grad, input, instances, coef, label_ids, prm, op);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward(
+    const DeviceKernels& k, const at::Tensor& input, const at::Tensor& instances, double alpha,
+    double beta, double lambda_dice, double lambda_ce, c10::string_view activation,
+    c10::string_view masking, bool squared_pred, double smooth_nr, double smooth_dr,
+    int64_t max_label) {
+  const char* op = "blob.dice_ce";
+  auto prm = make_params(kDice, alpha, beta, std::string(activation), std::string(masking),
+                         squared_pred, smooth_nr, smooth_dr, 0.0, 0.0, op);
+  TORCH_CHECK_VALUE(prm.activation != kSoftmax, op,
+                    ": activation=\"softmax\" is not supported: blob Dice+CE takes one binary "
+                    "cross-entropy per channel and per instance (activation \"sigmoid\" or "
+                    "\"none\"); use blob.dice with softmax, or one sigmoid channel per class");
+  TORCH_CHECK_VALUE(lambda_dice >= 0.0 && lambda_ce >= 0.0, op,
+                    ": `lambda_dice` and `lambda_ce` must be >= 0, got ",
+                    std::to_string(lambda_dice), " and ", std::to_string(lambda_ce));
+  prm.with_ce = true;
+  prm.lambda_dice = lambda_dice;
+  prm.lambda_ce = lambda_ce;
+  if (input.dim() >= 2 && input.numel() > 0) {
+    prm.inv_voxels = double(input.size(0) * input.size(1)) / double(input.numel());
+  }
+  return loss_forward(k, input, instances, prm, max_label, op);
+}
+
+at::Tensor dice_ce_backward(const DeviceKernels& k, const at::Tensor& grad,
+                            const at::Tensor& input, const at::Tensor& instances,
+                            const at::Tensor& coef, const at::Tensor& label_ids,
+                            c10::string_view activation, bool squared_pred) {
+  const char* op = "blob.dice_ce (backward)";
+  LossParams prm{};
+  prm.kind = kDice;
+  prm.activation = parse_activation(std::string(activation), op);
+  TORCH_CHECK_VALUE(prm.activation != kSoftmax, op,
+                    ": activation=\"softmax\" is not supported by blob Dice+CE");
+  prm.squared_pred = squared_pred;
+  prm.with_ce = true;
+  return loss_backward(k, grad, input, instances, coef, label_ids, prm, op);
+}
+
 std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at::Tensor& input,
                                                const at::Tensor& instances,
                                                c10::string_view activation, bool squared_pred,
@@ -463,6 +642,19 @@ TORCH_LIBRARY(blob, m) {
   m.def(
       "_tversky_backward(Tensor grad, Tensor input, Tensor instances, Tensor coef, "
       "Tensor label_ids, str activation) -> Tensor");
+  // Blob Dice+CE: every term lambda_dice * Dice + lambda_ce * binary cross-entropy.
+  m.def(
+      "dice_ce(Tensor input, Tensor instances, float alpha=2.0, float beta=1.0, *, "
+      "float lambda_dice=1.0, float lambda_ce=1.0, str activation=\"sigmoid\", "
+      "str masking=\"paper\", bool squared_pred=False, float smooth_nr=1e-5, "
+      "float smooth_dr=1e-5, int max_label=-1) -> Tensor");
+  m.def(
+      "_dice_ce_forward(Tensor input, Tensor instances, float alpha, float beta, "
+      "float lambda_dice, float lambda_ce, str activation, str masking, bool squared_pred, "
+      "float smooth_nr, float smooth_dr, int max_label) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_dice_ce_backward(Tensor grad, Tensor input, Tensor instances, Tensor coef, "
+      "Tensor label_ids, str activation, bool squared_pred) -> Tensor");
 }
 
 }  // namespace blob

@@ -36,6 +36,10 @@ struct DeviceKernels {
                    const char* op);
   // Whether accumulate needs the `invalid` flag (devices that cannot raise without a sync).
   bool uses_invalid_flag;
+  // Whether accumulate, finalize and backward also compute blob Dice+CE (prm.with_ce: 5 stats
+  // and 4 coefficients per label). Devices without run the Dice kernels and add the BCE with
+  // ATen ops and a host finalisation (dice_ce_forward_composite in blob_ops.cpp).
+  bool fused_ce;
 };
 
 // Serial finalisation on host memory (CPU kernel, and the reference for the CUDA one).
@@ -63,6 +67,16 @@ at::Tensor dice_backward(const DeviceKernels& k, const at::Tensor& grad, const a
 at::Tensor tversky_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,
                             const at::Tensor& instances, const at::Tensor& coef,
                             const at::Tensor& label_ids, c10::string_view activation);
+// Blob Dice+CE: the forward returns coef (B, C, K, 4) (a, b of the Dice part; c, d of the BCE).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward(
+    const DeviceKernels& k, const at::Tensor& input, const at::Tensor& instances, double alpha,
+    double beta, double lambda_dice, double lambda_ce, c10::string_view activation,
+    c10::string_view masking, bool squared_pred, double smooth_nr, double smooth_dr,
+    int64_t max_label);
+at::Tensor dice_ce_backward(const DeviceKernels& k, const at::Tensor& grad,
+                            const at::Tensor& input, const at::Tensor& instances,
+                            const at::Tensor& coef, const at::Tensor& label_ids,
+                            c10::string_view activation, bool squared_pred);
 // Per-label sums (B, C, K, 3) = (sum p, sum p^q, count) and the compacted ids (B, C, K), or
 // (B, C, 0) when dense; NaN where the CUDA kernel met an id above max_label.
 std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at::Tensor& input,
@@ -113,6 +127,31 @@ struct DeviceOps {
                                      const at::Tensor& instances, const at::Tensor& coef,
                                      const at::Tensor& label_ids, c10::string_view activation) {
     return blob::tversky_backward(K, grad, input, instances, coef, label_ids, activation);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward(
+      const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
+      double lambda_dice, double lambda_ce, c10::string_view activation,
+      c10::string_view masking, bool squared_pred, double smooth_nr, double smooth_dr,
+      int64_t max_label) {
+    return blob::dice_ce_forward(K, input, instances, alpha, beta, lambda_dice, lambda_ce,
+                                 activation, masking, squared_pred, smooth_nr, smooth_dr,
+                                 max_label);
+  }
+  static at::Tensor dice_ce(const at::Tensor& input, const at::Tensor& instances, double alpha,
+                            double beta, double lambda_dice, double lambda_ce,
+                            c10::string_view activation, c10::string_view masking,
+                            bool squared_pred, double smooth_nr, double smooth_dr,
+                            int64_t max_label) {
+    return std::get<0>(dice_ce_forward(input, instances, alpha, beta, lambda_dice, lambda_ce,
+                                       activation, masking, squared_pred, smooth_nr, smooth_dr,
+                                       max_label));
+  }
+  static at::Tensor dice_ce_backward(const at::Tensor& grad, const at::Tensor& input,
+                                     const at::Tensor& instances, const at::Tensor& coef,
+                                     const at::Tensor& label_ids, c10::string_view activation,
+                                     bool squared_pred) {
+    return blob::dice_ce_backward(K, grad, input, instances, coef, label_ids, activation,
+                                  squared_pred);
   }
   static std::tuple<at::Tensor, at::Tensor> label_stats(const at::Tensor& input,
                                                         const at::Tensor& instances,

@@ -150,7 +150,7 @@ def _error_of(fn):
     return None
 
 
-@pytest.mark.parametrize("op", ["dice", "tversky", "label_stats"])
+@pytest.mark.parametrize("op", ["dice", "tversky", "dice_ce", "label_stats"])
 @pytest.mark.parametrize("case", list(BAD_FORWARD))
 def test_fake_kernels_raise_what_the_kernels_raise(op, case):
     x, lab = _case(dtype=torch.float32)
@@ -160,6 +160,7 @@ def test_fake_kernels_raise_what_the_kernels_raise(op, case):
     call = {
         "dice": lambda a, b: torch.ops.blob.dice(a, b, **kw),
         "tversky": lambda a, b: torch.ops.blob.tversky(a, b, **kw),
+        "dice_ce": lambda a, b: torch.ops.blob.dice_ce(a, b, **kw),
         "label_stats": lambda a, b: torch.ops.blob.label_stats(a, b, **kw),
     }[op]
     real = _error_of(lambda: call(x, lab))

@@ -36,6 +36,10 @@ using DiceBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const a
 using TverskyBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, c10::string_view);
 
+using DiceCEForwardSig = ForwardOut(const at::Tensor&, const at::Tensor&, double, double, double,
+                                    double, c10::string_view, c10::string_view, bool, double,
+                                    double, int64_t);
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -55,6 +59,15 @@ const c10::TypedOperatorHandle<DiceBackwardSig>& dice_backward_op() {
 }
 const c10::TypedOperatorHandle<TverskyBackwardSig>& tversky_backward_op() {
   static const auto op = find_op<TverskyBackwardSig>("blob::_tversky_backward");
+  return op;
+}
+
+const c10::TypedOperatorHandle<DiceCEForwardSig>& dice_ce_forward_op() {
+  static const auto op = find_op<DiceCEForwardSig>("blob::_dice_ce_forward");
+  return op;
+}
+const c10::TypedOperatorHandle<DiceBackwardSig>& dice_ce_backward_op() {
+  static const auto op = find_op<DiceBackwardSig>("blob::_dice_ce_backward");
   return op;
 }
 
@@ -184,6 +197,69 @@ at::Tensor tversky_backward_autograd(const at::Tensor& grad, const at::Tensor& i
   return TverskyBackwardFunction::apply(grad, input, instances, coef, label_ids, activation)[0];
 }
 
+// ---- blob::dice_ce ---------------------------------------------------------------------------
+
+class DiceCEFunction : public torch::autograd::Function<DiceCEFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Variable& input,
+                               const Variable& instances, double alpha, double beta,
+                               double lambda_dice, double lambda_ce, c10::string_view activation,
+                               c10::string_view masking, bool squared_pred, double smooth_nr,
+                               double smooth_dr, int64_t max_label) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto out = dice_ce_forward_op().call(input, instances, alpha, beta, lambda_dice, lambda_ce,
+                                         activation, masking, squared_pred, smooth_nr, smooth_dr,
+                                         max_label);
+    ctx->save_for_backward({input, instances, std::get<1>(out), std::get<2>(out)});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["squared_pred"] = squared_pred;
+    return {std::get<0>(out)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    c10::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    const auto grad_input = dice_ce_backward_op().call(
+        grad[0], saved[0], saved[1], saved[2], saved[3],
+        ctx->saved_data["activation"].toStringRef(), ctx->saved_data["squared_pred"].toBool());
+    return {grad_input, Variable(), Variable(), Variable(), Variable(), Variable(),
+            Variable(), Variable(), Variable(), Variable(), Variable(), Variable()};
+  }
+};
+
+class DiceCEBackwardFunction : public torch::autograd::Function<DiceCEBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* /*ctx*/, const Variable& grad,
+                               const Variable& input, const Variable& instances,
+                               const Variable& coef, const Variable& label_ids,
+                               c10::string_view activation, bool squared_pred) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return {dice_ce_backward_op().call(grad, input, instances, coef, label_ids, activation,
+                                       squared_pred)};
+  }
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad*/) {
+    no_double_backward("blob.dice_ce");
+  }
+};
+
+at::Tensor dice_ce_autograd(const at::Tensor& input, const at::Tensor& instances, double alpha,
+                            double beta, double lambda_dice, double lambda_ce,
+                            c10::string_view activation, c10::string_view masking,
+                            bool squared_pred, double smooth_nr, double smooth_dr,
+                            int64_t max_label) {
+  return DiceCEFunction::apply(input, instances, alpha, beta, lambda_dice, lambda_ce, activation,
+                               masking, squared_pred, smooth_nr, smooth_dr, max_label)[0];
+}
+
+at::Tensor dice_ce_backward_autograd(const at::Tensor& grad, const at::Tensor& input,
+                                     const at::Tensor& instances, const at::Tensor& coef,
+                                     const at::Tensor& label_ids, c10::string_view activation,
+                                     bool squared_pred) {
+  return DiceCEBackwardFunction::apply(grad, input, instances, coef, label_ids, activation,
+                                       squared_pred)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(blob, Autograd, m) {
@@ -191,6 +267,8 @@ TORCH_LIBRARY_IMPL(blob, Autograd, m) {
   m.impl("tversky", &tversky_autograd);
   m.impl("_dice_backward", &dice_backward_autograd);
   m.impl("_tversky_backward", &tversky_backward_autograd);
+  m.impl("dice_ce", &dice_ce_autograd);
+  m.impl("_dice_ce_backward", &dice_ce_backward_autograd);
 }
 
 }  // namespace blob

@@ -124,7 +124,7 @@ bool backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at:
 }
 
 const DeviceKernels kCpuKernels{&accumulate_cpu, &finalize_cpu, &backward_cpu,
-                                /*uses_invalid_flag=*/false};
+                                /*uses_invalid_flag=*/false, /*fused_ce=*/true};
 
 }  // namespace
 
@@ -137,6 +137,9 @@ TORCH_LIBRARY_IMPL(blob, CPU, m) {
   m.impl("_dice_backward", &Ops::dice_backward);
   m.impl("_tversky_forward", &Ops::tversky_forward);
   m.impl("_tversky_backward", &Ops::tversky_backward);
+  m.impl("dice_ce", &Ops::dice_ce);
+  m.impl("_dice_ce_forward", &Ops::dice_ce_forward);
+  m.impl("_dice_ce_backward", &Ops::dice_ce_backward);
 }
 
 }  // namespace blob

@@ -68,6 +68,21 @@ inline void softmax_block(const scalar_t* x, int64_t V, int64_t C, int64_t m, ac
     for (int64_t j = 0; j < m; ++j) p[c * kBlock + j] *= z[j];
 }
 
+// Blob Dice+CE: each voxel's binary cross-entropy against its target [l > 0], in the form of the
+// global term (eg) and of the blob terms (eb) (blob_loss_math.h, bce_logits / bce_prob).
+template <typename scalar_t, typename label_t, typename acc_t>
+inline void bce_block(const scalar_t* x, const acc_t* p, const label_t* lab, int64_t m,
+                      const LossParams& prm, acc_t* eg, acc_t* eb) {
+  const bool g_logits = global_ce_on_logits(prm), b_logits = blob_ce_on_logits(prm);
+  for (int64_t j = 0; j < m; ++j) {
+    const bool t = lab[j] != 0;
+    const acc_t xj = static_cast<acc_t>(x[j]);
+    const acc_t g = g_logits ? bce_logits(xj, t) : bce_prob(p[j], t);
+    eg[j] = g;
+    eb[j] = b_logits == g_logits ? g : (b_logits ? bce_logits(xj, t) : bce_prob(p[j], t));
+  }
+}
+
 template <typename label_t>
 inline bool block_is_uniform(const label_t* lab, int64_t m) {
   const label_t l0 = lab[0];
@@ -78,10 +93,43 @@ inline bool block_is_uniform(const label_t* lab, int64_t m) {
 
 inline bool out_of_range(int64_t k, int64_t K) { return k < 0 || k >= K; }
 
-// Adds one block to the plane's table row[K][3]. Returns false on an out-of-range label.
+// Adds one block to the plane's table row[K][ns] (ns = 3, or 5 with the BCE sums of eg, eb).
+// Returns false on an out-of-range label.
 template <typename label_t, typename acc_t>
 inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int64_t K, bool squared,
-                             double* row) {
+                             double* row, int64_t ns = kNumStats, const acc_t* eg = nullptr,
+                             const acc_t* eb = nullptr) {
+  if (eg != nullptr) {
+    // Dice+CE: run aggregation over five sums, in double.
+    int64_t cur = static_cast<int64_t>(lab[0]);
+    double s = 0.0, q = 0.0, n = 0.0, sg = 0.0, sb = 0.0;
+    bool ok = true;
+    for (int64_t j = 0; j <= m; ++j) {
+      const int64_t k = j < m ? static_cast<int64_t>(lab[j]) : -1;
+      if (j == m || k != cur) {
+        if (out_of_range(cur, K)) {
+          ok = false;
+        } else {
+          double* e = row + cur * ns;
+          e[0] += s;
+          e[1] += squared ? q : s;
+          e[2] += n;
+          e[3] += sg;
+          e[4] += sb;
+        }
+        if (j == m) break;
+        cur = k;
+        s = q = n = sg = sb = 0.0;
+      }
+      const double v = p[j];
+      s += v;
+      q += v * v;
+      n += 1.0;
+      sg += static_cast<double>(eg[j]);
+      sb += static_cast<double>(eb[j]);
+    }
+    return ok;
+  }
   if (block_is_uniform(lab, m)) {
     const int64_t k = static_cast<int64_t>(lab[0]);
     if (out_of_range(k, K)) return false;
@@ -99,7 +147,7 @@ inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int6
       for (int64_t j = 0; j < m; ++j) s += p[j];
       q = s;
     }
-    double* e = row + k * kNumStats;
+    double* e = row + k * ns;
     e[0] += static_cast<double>(s);
     e[1] += static_cast<double>(q);
     e[2] += double(m);
@@ -115,7 +163,7 @@ inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int6
       if (out_of_range(cur, K)) {
         ok = false;
       } else {
-        double* e = row + cur * kNumStats;
+        double* e = row + cur * ns;
         e[0] += s;
         e[1] += squared ? q : s;
         e[2] += n;
@@ -154,15 +202,21 @@ constexpr int64_t kScratchBytes = int64_t(32) << 20;
 template <typename scalar_t, typename label_t, typename acc_t>
 bool accumulate_span(const scalar_t* x, const label_t* lab, int64_t row, int64_t v0, int64_t v1,
                      int64_t C, int64_t V, int64_t K, int64_t bound, bool softmax, bool squared,
-                     int32_t activation, acc_t* p, double* table) {
+                     const LossParams& prm, acc_t* p, double* table) {
   uint8_t derived[kBlock];
+  acc_t eg[kBlock], eb[kBlock];
   bool ok = true;
   for (int64_t v = v0; v < v1;) {
     const int64_t m = std::min(kBlock, v1 - v);
     if (!softmax) {
       const int64_t u = row * V + v;
-      activate_block(x + u, m, activation, p);
-      ok &= accumulate_block(p, lab + u, m, bound, squared, table);
+      activate_block(x + u, m, prm.activation, p);
+      if (prm.with_ce) {
+        bce_block(x + u, p, lab + u, m, prm, eg, eb);
+        ok &= accumulate_block(p, lab + u, m, bound, squared, table, kNumStatsCE, eg, eb);
+      } else {
+        ok &= accumulate_block(p, lab + u, m, bound, squared, table);
+      }
     } else {
       const int64_t b = row;
       softmax_block(x + b * C * V + v, V, C, m, p);
@@ -196,7 +250,7 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
   const bool softmax = prm.activation == kSoftmax;
   const bool squared = uses_pow(prm);
   const int64_t rows = softmax ? B : B * C;
-  const int64_t row_entries = (softmax ? C : 1) * K * kNumStats;
+  const int64_t row_entries = (softmax ? C : 1) * K * num_stats(prm);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t buf = (softmax ? C : 1) * kBlock;
   std::atomic<bool> bad{false};
@@ -211,7 +265,7 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
       for (int64_t r = r0; r < r1; ++r) {
         double* table = out + r * row_entries;
         std::fill(table, table + row_entries, 0.0);
-        ok &= accumulate_span(x, lab, r, 0, V, C, V, K, bound, softmax, squared, prm.activation,
+        ok &= accumulate_span(x, lab, r, 0, V, C, V, K, bound, softmax, squared, prm,
                               p.data(), table);
       }
       if (!ok) bad = true;
@@ -225,7 +279,7 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
       std::vector<acc_t> p(buf);
       double* table = part == 0 ? dst : scratch.data() + (part - 1) * row_entries;
       std::fill(table, table + row_entries, 0.0);
-      if (!accumulate_span(x, lab, r, v0, v1, C, V, K, bound, softmax, squared, prm.activation,
+      if (!accumulate_span(x, lab, r, v0, v1, C, V, K, bound, softmax, squared, prm,
                            p.data(), table)) {
         bad = true;
       }
@@ -260,7 +314,29 @@ bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
     for (int64_t u = begin; u < end;) {
       const int64_t rowi = u / V, v = u % V;
       const int64_t m = std::min({kBlock, V - v, end - u});
-      if (!softmax) {
+      if (!softmax && prm.with_ce) {
+        // Dice+CE: grad = (a + b dpow(p)) act' + c (p - y) + d dBCE/dp act', y = [l > 0].
+        const double* row = cf + rowi * K * kNumCoefCE;
+        activate_block(x + u, m, prm.activation, p.data());
+        const label_t* l = lab + u;
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t k = int64_t(l[j]);
+          if (out_of_range(k, K)) {
+            ok = false;
+            gp[j] = 0;
+            continue;
+          }
+          const double* e = row + k * kNumCoefCE;
+          const bool t = k != 0;
+          const acc_t pj = p[j], act = elementwise_act_grad(pj, prm.activation);
+          gp[j] = (grad_wrt_p(pj, acc_t(e[0]), acc_t(e[1]), squared) +
+                   acc_t(e[3]) * bce_prob_grad(pj, t)) *
+                      act +
+                  acc_t(e[2]) * (pj - (t ? acc_t(1) : acc_t(0)));
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) gx[u + j] = static_cast<scalar_t>(go * gp[j]);
+      } else if (!softmax) {
         const double* row = cf + rowi * K * kNumCoef;
         activate_block(x + u, m, prm.activation, p.data());
         const label_t* l = lab + u;

@@ -684,8 +684,10 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
   return true;
 }
 
+// fused_ce = false: blob Dice+CE runs these Dice kernels and adds the cross-entropy with ATen
+// ops (blob_ops.cpp, dice_ce_forward_composite) until a fused CUDA kernel is verified on a GPU.
 const DeviceKernels kCudaKernels{&accumulate_cuda, &finalize_cuda, &backward_cuda,
-                                 /*uses_invalid_flag=*/true};
+                                 /*uses_invalid_flag=*/true, /*fused_ce=*/false};
 
 }  // namespace
 
@@ -698,6 +700,9 @@ TORCH_LIBRARY_IMPL(blob, CUDA, m) {
   m.impl("_dice_backward", &Ops::dice_backward);
   m.impl("_tversky_forward", &Ops::tversky_forward);
   m.impl("_tversky_backward", &Ops::tversky_backward);
+  m.impl("dice_ce", &Ops::dice_ce);
+  m.impl("_dice_ce_forward", &Ops::dice_ce_forward);
+  m.impl("_dice_ce_backward", &Ops::dice_ce_backward);
 }
 
 }  // namespace blob

@@ -131,8 +131,7 @@ at::Tensor read_labels(const at::Tensor& instances, int32_t activation) {
 // so that no int64 overflows (max_label may be 2^63 - 1). Mirrored by blobbench/_ops.py.
 // `entries`: doubles per label in the op's tables (stats + coefficients: 5 for Dice and Tversky,
 // 9 for Dice+CE).
-bool dense_for_bound(int64_t max_label, int64_t planes, int64_t voxels_per_plane,
-                     int64_t entries) {
+bool dense_for_bound(int64_t max_label, int64_t planes, int64_t voxels_per_plane, int64_t entries) {
   if (max_label < dense_label_limit(voxels_per_plane)) return true;
   const int64_t per_label = planes * entries * int64_t(sizeof(double));
   return max_label < kDenseTableBudget / per_label;
@@ -417,8 +416,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward_composite(
   at::Tensor coef_host = at::empty({B, C, K, kNumCoefCE}, stats.options());
   double value = 0.0;
   finalize_host(stats.data_ptr<double>(), B, C, K, prm, &value, coef_host.data_ptr<double>());
-  at::Tensor loss = at::scalar_tensor(value, stats.options())
-                        .to(input.device(), loss_dtype(input.scalar_type()));
+  at::Tensor loss =
+      at::scalar_tensor(value, stats.options()).to(input.device(), loss_dtype(input.scalar_type()));
   at::Tensor coef = coef_host.to(input.device());
   if (invalid.defined()) {
     const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -452,12 +451,11 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& input,
   TORCH_CHECK_VALUE(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()), op,
                     ": `grad` must be a floating scalar (the gradient of the loss), got shape ",
                     shape(grad.sizes()), " ", c10::toString(grad.scalar_type()));
-  TORCH_CHECK_VALUE(coef.dim() == 4 && coef.size(0) == input.size(0) &&
-                        coef.size(1) == input.size(1) && coef.size(2) >= 1 &&
-                        coef.size(3) == ncoef && coef.scalar_type() == at::kDouble,
-                    op, ": `coef` must be the (B, C, K, ", num(ncoef),
-                    ") float64 table of the forward op, got ",
-                    shape(coef.sizes()), " ", c10::toString(coef.scalar_type()));
+  TORCH_CHECK_VALUE(
+      coef.dim() == 4 && coef.size(0) == input.size(0) && coef.size(1) == input.size(1) &&
+          coef.size(2) >= 1 && coef.size(3) == ncoef && coef.scalar_type() == at::kDouble,
+      op, ": `coef` must be the (B, C, K, ", num(ncoef), ") float64 table of the forward op, got ",
+      shape(coef.sizes()), " ", c10::toString(coef.scalar_type()));
   TORCH_CHECK_VALUE(label_ids.dim() == 3 && label_ids.size(0) == input.size(0) &&
                         label_ids.size(1) == input.size(1) &&
                         (label_ids.size(2) == 0 || label_ids.size(2) == coef.size(2)) &&
@@ -493,8 +491,10 @@ at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_ou
     // The BCE part: grad_out * (c[l] (p - y) + d[l] dBCE/dp act'(x)), c and d from the table.
     const int64_t K = coef.size(2);
     at::Tensor idx = flat_table_index(lab, K).view(lab.sizes());
-    at::Tensor c = coef.select(3, 2).reshape({-1}).index_select(0, idx.view({-1})).view(lab.sizes());
-    at::Tensor d = coef.select(3, 3).reshape({-1}).index_select(0, idx.view({-1})).view(lab.sizes());
+    at::Tensor c =
+        coef.select(3, 2).reshape({-1}).index_select(0, idx.view({-1})).view(lab.sizes());
+    at::Tensor d =
+        coef.select(3, 3).reshape({-1}).index_select(0, idx.view({-1})).view(lab.sizes());
     const auto acc = acc_dtype(input.scalar_type());
     at::Tensor xa = x.to(acc);
     at::Tensor p = prm.activation == kSigmoid ? xa.sigmoid() : xa;
@@ -581,10 +581,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward(
   return loss_forward(k, input, instances, prm, max_label, op);
 }
 
-at::Tensor dice_ce_backward(const DeviceKernels& k, const at::Tensor& grad,
-                            const at::Tensor& input, const at::Tensor& instances,
-                            const at::Tensor& coef, const at::Tensor& label_ids,
-                            c10::string_view activation, bool squared_pred) {
+at::Tensor dice_ce_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,
+                            const at::Tensor& instances, const at::Tensor& coef,
+                            const at::Tensor& label_ids, c10::string_view activation,
+                            bool squared_pred) {
   const char* op = "blob.dice_ce (backward)";
   LossParams prm{};
   prm.kind = kDice;

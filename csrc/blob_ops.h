@@ -73,10 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward(
     double beta, double lambda_dice, double lambda_ce, c10::string_view activation,
     c10::string_view masking, bool squared_pred, double smooth_nr, double smooth_dr,
     int64_t max_label);
-at::Tensor dice_ce_backward(const DeviceKernels& k, const at::Tensor& grad,
-                            const at::Tensor& input, const at::Tensor& instances,
-                            const at::Tensor& coef, const at::Tensor& label_ids,
-                            c10::string_view activation, bool squared_pred);
+at::Tensor dice_ce_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,
+                            const at::Tensor& instances, const at::Tensor& coef,
+                            const at::Tensor& label_ids, c10::string_view activation,
+                            bool squared_pred);
 // Per-label sums (B, C, K, 3) = (sum p, sum p^q, count) and the compacted ids (B, C, K), or
 // (B, C, 0) when dense; NaN where the CUDA kernel met an id above max_label.
 std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at::Tensor& input,
@@ -130,9 +130,8 @@ struct DeviceOps {
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward(
       const at::Tensor& input, const at::Tensor& instances, double alpha, double beta,
-      double lambda_dice, double lambda_ce, c10::string_view activation,
-      c10::string_view masking, bool squared_pred, double smooth_nr, double smooth_dr,
-      int64_t max_label) {
+      double lambda_dice, double lambda_ce, c10::string_view activation, c10::string_view masking,
+      bool squared_pred, double smooth_nr, double smooth_dr, int64_t max_label) {
     return blob::dice_ce_forward(K, input, instances, alpha, beta, lambda_dice, lambda_ce,
                                  activation, masking, squared_pred, smooth_nr, smooth_dr,
                                  max_label);

@@ -92,6 +92,20 @@ def test_saturated_logits_follow_torchs_clamps(path):
         assert rel_err(got[1], want[1]) <= 1e-12
 
 
+def test_saturated_logits_in_float32_follow_torchs_float32(path):
+    # The float32 kernels (polynomial exp and log) against the loop run in float32, where torch's
+    # sigmoid saturates to exactly 0 or 1 and binary_cross_entropy's clamp decides the value.
+    values = torch.tensor([-200.0, -50.0, -20.0, -3.0, 0.0, 3.0, 20.0, 50.0, 200.0])
+    x = values[torch.randint(0, 9, (2, 1, 4, 5, 6), generator=torch.Generator().manual_seed(6))]
+    instances = torch.zeros(x.shape, dtype=torch.int32)
+    instances[0, 0, :2, :2, :3] = 1
+    instances[1, 0, 1:3, 1:4, 1:5] = 3
+    for masking in ("paper", "official"):
+        want = loss_and_grad(naive_blob_dice_ce, x, instances, masking=masking)
+        got = loss_and_grad(blob_dice_ce, x, instances, masking=masking)
+        assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
+
+
 def test_lambda_dice_only_is_blob_dice_and_lambda_ce_adds_a_bce():
     x, instances, alpha, beta, options = dice_ce_case(4)
     options.update(lambda_dice=1.0, lambda_ce=0.0)

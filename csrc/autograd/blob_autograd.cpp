@@ -207,9 +207,9 @@ class DiceCEFunction : public torch::autograd::Function<DiceCEFunction> {
                                c10::string_view masking, bool squared_pred, double smooth_nr,
                                double smooth_dr, int64_t max_label) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto out = dice_ce_forward_op().call(input, instances, alpha, beta, lambda_dice, lambda_ce,
-                                         activation, masking, squared_pred, smooth_nr, smooth_dr,
-                                         max_label);
+    auto out =
+        dice_ce_forward_op().call(input, instances, alpha, beta, lambda_dice, lambda_ce, activation,
+                                  masking, squared_pred, smooth_nr, smooth_dr, max_label);
     ctx->save_for_backward({input, instances, std::get<1>(out), std::get<2>(out)});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["squared_pred"] = squared_pred;

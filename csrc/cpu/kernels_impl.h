@@ -30,6 +30,39 @@ inline float vec_exp(float x) {
 }
 inline double vec_exp(double x) { return std::exp(x); }
 
+// log for float in plain arithmetic (Cephes' logf polynomial, about 1 ulp) for normal x > 0;
+// -inf below the smallest normal float. (Its caller clamps the log at -100 as torch's
+// binary_cross_entropy does: torch's float sigmoid is 0 below x = -88.7, where the log becomes
+// -inf and the clamp 100; vec_exp's clamp leaves a subnormal p there instead, which this maps to
+// the same 100. Only in (-88.7, -87.3) do the two differ.)
+inline float vec_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const int32_t e = (bits >> 23) - 126;  // x = m * 2^e, m in [0.5, 1)
+  bits = (bits & 0x007fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool small = m < 0.707106781186547524f;
+  const float fe = static_cast<float>(e) - (small ? 1.0f : 0.0f);
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  float r = m + y;
+  r += 0.693359375f * fe;
+  return x >= std::numeric_limits<float>::min() ? r : -std::numeric_limits<float>::infinity();
+}
+
 template <typename scalar_t>
 using acc_type =
     typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
@@ -70,9 +103,40 @@ inline void softmax_block(const scalar_t* x, int64_t V, int64_t C, int64_t m, ac
 
 // Blob Dice+CE: each voxel's binary cross-entropy against its target [l > 0], in the form of the
 // global term (eg) and of the blob terms (eb) (blob_loss_math.h, bce_logits / bce_prob).
-template <typename scalar_t, typename label_t, typename acc_t>
-inline void bce_block(const scalar_t* x, const acc_t* p, const label_t* lab, int64_t m,
-                      const LossParams& prm, acc_t* eg, acc_t* eb) {
+// float: in loops the compiler vectorises (vec_exp, vec_log); log1p(u) as log(w) u / (w - 1),
+// w = 1 + u, which keeps its relative accuracy for small u.
+template <typename scalar_t, typename label_t>
+inline void bce_block(const scalar_t* x, const float* p, const label_t* lab, int64_t m,
+                      const LossParams& prm, float* eg, float* eb) {
+  const bool g_logits = global_ce_on_logits(prm), b_logits = blob_ce_on_logits(prm);
+  if (g_logits || b_logits) {
+    float* out = g_logits ? eg : eb;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const float xj = static_cast<float>(x[j]);
+      const float z = lab[j] != 0 ? -xj : xj;
+      const float u = vec_exp(xj < 0.0f ? xj : -xj);
+      const float w = 1.0f + u;
+      const float l1p = w == 1.0f ? u : vec_log(w) * (u / (w - 1.0f));
+      out[j] = (z > 0.0f ? z : 0.0f) + l1p;
+    }
+  }
+  if (!g_logits || !b_logits) {
+    float* out = g_logits ? eb : eg;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const float l = vec_log(lab[j] != 0 ? p[j] : 1.0f - p[j]);
+      out[j] = l > -100.0f ? -l : 100.0f;
+    }
+  }
+  if (g_logits == b_logits) std::memcpy(eb, eg, sizeof(float) * m);
+}
+
+// double: the library functions, as torch computes float64.
+template <typename scalar_t, typename label_t>
+inline void bce_block(const scalar_t* x, const double* p, const label_t* lab, int64_t m,
+                      const LossParams& prm, double* eg, double* eb) {
+  using acc_t = double;
   const bool g_logits = global_ce_on_logits(prm), b_logits = blob_ce_on_logits(prm);
   for (int64_t j = 0; j < m; ++j) {
     const bool t = lab[j] != 0;
@@ -99,8 +163,27 @@ template <typename label_t, typename acc_t>
 inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int64_t K, bool squared,
                              double* row, int64_t ns = kNumStats, const acc_t* eg = nullptr,
                              const acc_t* eb = nullptr) {
+  if (eg != nullptr && block_is_uniform(lab, m)) {
+    const int64_t k = static_cast<int64_t>(lab[0]);
+    if (out_of_range(k, K)) return false;
+    acc_t s = 0, q = 0, sg = 0, sb = 0;
+#pragma omp simd reduction(+ : s, q, sg, sb)
+    for (int64_t j = 0; j < m; ++j) {
+      s += p[j];
+      q += p[j] * p[j];
+      sg += eg[j];
+      sb += eb[j];
+    }
+    double* e = row + k * ns;
+    e[0] += static_cast<double>(s);
+    e[1] += static_cast<double>(squared ? q : s);
+    e[2] += double(m);
+    e[3] += static_cast<double>(sg);
+    e[4] += static_cast<double>(sb);
+    return true;
+  }
   if (eg != nullptr) {
-    // Dice+CE: run aggregation over five sums, in double.
+    // Dice+CE, mixed block: run aggregation over five sums, in double.
     int64_t cur = static_cast<int64_t>(lab[0]);
     double s = 0.0, q = 0.0, n = 0.0, sg = 0.0, sb = 0.0;
     bool ok = true;
@@ -265,8 +348,8 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
       for (int64_t r = r0; r < r1; ++r) {
         double* table = out + r * row_entries;
         std::fill(table, table + row_entries, 0.0);
-        ok &= accumulate_span(x, lab, r, 0, V, C, V, K, bound, softmax, squared, prm,
-                              p.data(), table);
+        ok &= accumulate_span(x, lab, r, 0, V, C, V, K, bound, softmax, squared, prm, p.data(),
+                              table);
       }
       if (!ok) bad = true;
     });
@@ -279,8 +362,8 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
       std::vector<acc_t> p(buf);
       double* table = part == 0 ? dst : scratch.data() + (part - 1) * row_entries;
       std::fill(table, table + row_entries, 0.0);
-      if (!accumulate_span(x, lab, r, v0, v1, C, V, K, bound, softmax, squared, prm,
-                           p.data(), table)) {
+      if (!accumulate_span(x, lab, r, v0, v1, C, V, K, bound, softmax, squared, prm, p.data(),
+                           table)) {
         bad = true;
       }
     });
@@ -319,20 +402,32 @@ bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
         const double* row = cf + rowi * K * kNumCoefCE;
         activate_block(x + u, m, prm.activation, p.data());
         const label_t* l = lab + u;
-        for (int64_t j = 0; j < m; ++j) {
-          const int64_t k = int64_t(l[j]);
-          if (out_of_range(k, K)) {
-            ok = false;
-            gp[j] = 0;
-            continue;
+        if (block_is_uniform(l, m) && !out_of_range(int64_t(l[0]), K)) {
+          const double* e = row + int64_t(l[0]) * kNumCoefCE;
+          const acc_t a = acc_t(e[0]), b = acc_t(e[1]), c = acc_t(e[2]), d = acc_t(e[3]);
+          const acc_t y = l[0] != 0 ? acc_t(1) : acc_t(0);
+          const bool t = l[0] != 0;
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) {
+            const acc_t pj = p[j], act = elementwise_act_grad(pj, prm.activation);
+            gp[j] = (grad_wrt_p(pj, a, b, squared) + d * bce_prob_grad(pj, t)) * act + c * (pj - y);
           }
-          const double* e = row + k * kNumCoefCE;
-          const bool t = k != 0;
-          const acc_t pj = p[j], act = elementwise_act_grad(pj, prm.activation);
-          gp[j] = (grad_wrt_p(pj, acc_t(e[0]), acc_t(e[1]), squared) +
-                   acc_t(e[3]) * bce_prob_grad(pj, t)) *
-                      act +
-                  acc_t(e[2]) * (pj - (t ? acc_t(1) : acc_t(0)));
+        } else {
+          for (int64_t j = 0; j < m; ++j) {
+            const int64_t k = int64_t(l[j]);
+            if (out_of_range(k, K)) {
+              ok = false;
+              gp[j] = 0;
+              continue;
+            }
+            const double* e = row + k * kNumCoefCE;
+            const bool t = k != 0;
+            const acc_t pj = p[j], act = elementwise_act_grad(pj, prm.activation);
+            gp[j] = (grad_wrt_p(pj, acc_t(e[0]), acc_t(e[1]), squared) +
+                     acc_t(e[3]) * bce_prob_grad(pj, t)) *
+                        act +
+                    acc_t(e[2]) * (pj - (t ? acc_t(1) : acc_t(0)));
+          }
         }
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) gx[u + j] = static_cast<scalar_t>(go * gp[j]);

@@ -553,7 +553,9 @@ class BlobDiceCELoss(nn.Module):
                 "channel per class"
             )
         if not (lambda_dice >= 0 and lambda_ce >= 0):
-            raise ValueError(f"BlobDiceCELoss: lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}")
+            raise ValueError(
+                f"BlobDiceCELoss: lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}"
+            )
         self.include_background = bool(include_background)
         _check_options(activation, masking, spatial_dims, type(self).__name__)
         self.alpha, self.beta = float(alpha), float(beta)

@@ -61,7 +61,8 @@ def test_matches_naive_loop_with_monai_dice_ce(seed, path):
 
 
 @pytest.mark.parametrize(
-    "masking,activation,squared_pred", list(itertools.product(["paper", "official"], ["sigmoid", "none"], [False, True]))
+    "masking,activation,squared_pred",
+    list(itertools.product(["paper", "official"], ["sigmoid", "none"], [False, True])),
 )
 def test_every_option_at_float64(masking, activation, squared_pred, path):
     rng = np.random.default_rng(3)
@@ -194,7 +195,15 @@ def test_opcheck(device):
         _, coef, ids = torch.ops.blob._dice_ce_forward(*fwd, -1)
         torch.library.opcheck(
             torch.ops.blob._dice_ce_backward.default,
-            (torch.tensor(1.5, device=device), x.detach(), inst, coef, ids, options["activation"], options["squared_pred"]),
+            (
+                torch.tensor(1.5, device=device),
+                x.detach(),
+                inst,
+                coef,
+                ids,
+                options["activation"],
+                options["squared_pred"],
+            ),
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
         )
 
@@ -294,7 +303,9 @@ def test_python_defaults_are_the_schema_defaults():
     import inspect
 
     params = inspect.signature(blobbench.blob_dice_ce).parameters
-    schema = {a.name: a.default_value for a in torch.ops.blob.dice_ce.default._schema.arguments if a.has_default_value()}
+    schema = {
+        a.name: a.default_value for a in torch.ops.blob.dice_ce.default._schema.arguments if a.has_default_value()
+    }
     assert set(schema) >= {"lambda_dice", "lambda_ce", "max_label"}
     for name, default in schema.items():
         py = params[name].default

@@ -124,7 +124,7 @@ def main(argv=None):
         rel = abs(got.item() - ref.item()) / abs(ref.item())
         impls = {
             "fused": lambda t, i: blobbench.blob_dice(t, i),
-            "fused_max_label": lambda t, i: blobbench.blob_dice(t, i, max_label=max_label),
+            "fused_max_label": lambda t, i, m=max_label: blobbench.blob_dice(t, i, max_label=m),
             "vectorized": lambda t, i: blobbench.vectorized_blob_loss(t, i),
             "monai_dice": lambda t, i: dice(t, (i > 0).float()),
             "naive": lambda t, i: blobbench.naive_blob_dice(t, i),
@@ -162,7 +162,10 @@ def main(argv=None):
         torch.cuda.empty_cache()
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
-    print("\nprofile   shape                    fused ms  %copy  graph ms  %copy  vs vectorized  vs MONAI  vs naive  fused extra MB")
+    print(
+        "\nprofile   shape                    fused ms  %copy  graph ms  %copy  vs vectorized  vs MONAI  vs naive"
+        "  fused extra MB"
+    )
     for c in result["cases"]:
         f = c["impls"]["fused"]
         print(f"{c['profile']:9s} {str(c['shape']):24s} {f['median_s'] * 1e3:8.3f} "

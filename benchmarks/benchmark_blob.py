@@ -5,7 +5,9 @@ backward; ``peakmem_forward_backward`` is the process's peak RSS after one forwa
 to be read against ``peakmem_reference`` (the same setup, no loss: the inputs, the libraries);
 ``track_peak_cuda_bytes`` is the CUDA allocator's peak above the inputs (skipped without a GPU).
 ``HostCostProxy`` tracks the fused op's per-call host cost on the CPU (issue 10's proxy).
-One crop per profile (``batch=1``) keeps the naive loop to seconds.
+One crop per profile (``batch=1``) keeps the naive loop to seconds. Blob Dice+CE: ``fused_dice_ce``
+against ``naive_dice_ce`` (the loop with MONAI DiceCELoss per blob) and ``monai_dice_ce`` (MONAI
+DiceCELoss, no instances) in the profile suites, next to the Dice ones.
 
 Devices: ``cpu`` and ``cuda`` unless ``$BLOBBENCH_DEVICES`` names others (``cpu,cuda:1``); each is
 normalised to an indexed device in ``setup`` (``cuda`` is the current GPU); CUDA parameters are
@@ -30,7 +32,8 @@ from blobbench.bench.bench import (
 from blobbench.bench.synthetic import grid_instances, logits_like, profile_batch
 
 PROFILES = ["ms", "lits", "disco", "shanel", "deepmact"]
-IMPLS = ["fused", "fused_tversky", "vectorized", "naive", "monai_dice"]
+IMPLS = ["fused", "fused_tversky", "vectorized", "naive", "monai_dice", "fused_dice_ce", "naive_dice_ce",
+         "monai_dice_ce"]
 DEVICES = devices_from_env()
 CUDA_DEVICES = [d for d in DEVICES if d.startswith("cuda")] or ["cuda"]
 

@@ -93,10 +93,15 @@ def test_runner_measures_and_checks(tmp_path):
     assert r["status"] == "ok", r
     assert r["reps"] == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
     assert r["peak_bytes"] >= 0
-    chk = runner.check(case, ["cpu"], ["dice", "tversky"])
+    r = runner.measure(case, "fused_dice_ce", "cpu")
+    assert r["status"] == "ok" and r["reps"] == 2 and r["peak_bytes"] >= 0, r
+    chk = runner.check(case, ["cpu"], ["dice", "tversky", "dice_ce"])
     assert chk["status"] == "ok", chk
+    assert set(chk["checks"]) == {"dice/cpu", "tversky/cpu", "dice_ce/cpu"}
     assert chk["checks"]["dice/cpu"]["loss_rel_diff"] < 1e-5
     assert chk["checks"]["tversky/cpu"]["loss_rel_diff"] < 1e-5
+    assert chk["checks"]["dice_ce/cpu"]["loss_rel_diff"] < 1e-5
+    assert chk["checks"]["dice_ce/cpu"]["grad_max_abs_diff"] < 1e-4 * chk["checks"]["dice_ce/cpu"]["grad_max_abs"]
 
 
 def test_runner_budgets(tmp_path):
@@ -142,6 +147,80 @@ def test_command_quick_with_label_file(tmp_path, capsys):
     assert {"speedup_vs_vectorized", "time_over_monai", "memory_over_monai"} <= set(res["ratios"][0])
     if pytest.importorskip("matplotlib"):
         assert (out / "latest" / "profiles.png").stat().st_size > 10_000
+
+
+def test_command_dice_ce_rows(tmp_path, capsys):
+    """The default implementations include blob Dice+CE: the fused op, the loop with MONAI DiceCELoss
+    per blob and plain MONAI DiceCELoss are checked, measured and reported side by side."""
+    from blobbench.bench.cli import DEFAULT_IMPLS
+
+    assert {"naive_dice_ce", "fused_dice_ce", "monai_dice_ce"} <= set(DEFAULT_IMPLS)
+    np.save(tmp_path / "few.npy", (grid_instances((8, 32, 32), 6, seed=2) > 0).astype(np.uint8))
+    out = tmp_path / "out"
+    rc = main(["--profiles", "none", "--labels", str(tmp_path / "few.npy"), "--labels-profile", "shanel",
+               "--crops", "2", "--sweep", "none", "--reps", "3", "--no-proxy", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    res = json.load(open(out / "latest" / "result.json"))
+    assert {m["impl"] for m in res["measurements"]} == set(DEFAULT_IMPLS)
+    assert all(m["status"] == "ok" for m in res["measurements"])
+    chk = res["checks"]["few.npy"]
+    assert chk["status"] == "ok" and set(chk["checks"]) == {"dice/cpu", "tversky/cpu", "dice_ce/cpu"}
+    assert chk["checks"]["dice_ce/cpu"]["crops"] == 2 and chk["checks"]["dice_ce/cpu"]["loss_rel_diff"] < 1e-5
+    assert "check dice_ce/cpu" in text
+    by_loss = {r["loss"]: r for r in res["ratios"]}
+    ce = by_loss["dice_ce"]
+    assert by_loss["dice"]["case"] == ce["case"] == "few.npy"
+    assert {"speedup_vs_naive_dice_ce", "speedup_vs_monai_dice_ce", "time_over_monai", "memory_over_monai",
+            "memory_over_naive", "time_over_monai_interval", "speedup_vs_naive_dice_ce_interval"} <= set(ce)
+    m = {x["impl"]: x for x in res["measurements"]}
+    assert ce["time_over_monai"] == pytest.approx(m["fused_dice_ce"]["median_s"] / m["monai_dice_ce"]["median_s"])
+    lo, hi = ce["time_over_monai_interval"]
+    assert lo <= ce["time_over_monai"] <= hi
+    assert ce["memory_over_naive"] == pytest.approx(
+        m["fused_dice_ce"]["peak_bytes"] / max(m["naive_dice_ce"]["peak_bytes"], 1))
+    # the table: the Dice+CE rows under their own line, ratios against blob.dice_ce; the headline table
+    assert "-- blob Dice+CE (cpu): time/fused and mem/fused against fused blob.dice_ce" in text
+    rows = {line.split("  cpu ")[0].strip(): line for line in text.splitlines() if "  cpu " in line}
+    for impl in ("naive_dice_ce", "fused_dice_ce", "monai_dice_ce"):
+        assert bench.IMPLEMENTATIONS[impl] in rows
+    assert rows["fused blob.dice_ce"].split()[-2:] == ["1.00x", "1.00x"]
+    assert "headline ratios, blob Dice+CE" in text
+    assert any(line.strip().startswith("few.npy") and "[" in line for line in
+               text.split("headline ratios, blob Dice+CE")[1].splitlines())
+
+
+def test_report_dice_ce_without_dice(tmp_path):
+    """Only the Dice+CE implementations: no blob Dice headline, the Dice+CE one, the README block's table."""
+    from blobbench.bench.noise import summarize_times
+    from blobbench.bench.report import print_report, ratios, readme_block
+
+    def m(impl, ms, peak_mb):
+        t = [ms / 1e3 * f for f in (0.9, 1.0, 1.0, 1.1)]
+        return {"case": "ms", "kind": "profile", "impl": impl, "device": "cpu", "status": "ok", "times_s": t,
+                "peak_bytes": int(peak_mb * 2**20), **summarize_times(t)}
+
+    res = {"machine": {"summary": "test"}, "settings": {"devices": ["cpu"], "reps": 4, "profiles": ["ms"]},
+           "cases": [{"name": "ms", "kind": "profile", "shape": [1, 1, 8, 8, 8], "blobs": [3], "meta": {}}],
+           "measurements": [m("fused_dice_ce", 2.0, 10), m("monai_dice_ce", 8.0, 40),
+                            {"case": "ms", "kind": "profile", "impl": "naive_dice_ce", "device": "cpu",
+                             "status": "over budget", "error": "over budget"}],
+           "checks": {}}
+    assert ratios(res) == []
+    (row,) = ratios(res, "dice_ce")
+    assert row["time_over_monai"] == pytest.approx(0.25) and row["memory_over_monai"] == pytest.approx(0.25)
+    lo, hi = row["time_over_monai_interval"]
+    assert lo < 0.25 < hi
+    assert row["speedup_vs_naive_dice_ce"] == "over budget" and "memory_over_naive" not in row
+    import io
+
+    buf = io.StringIO()
+    print_report(res, file=buf)
+    text = buf.getvalue()
+    assert "headline ratios (fused op" not in text and "headline ratios, blob Dice+CE" in text
+    assert "over budget" in text.split("headline ratios, blob Dice+CE")[1]
+    block = readme_block(res, tmp_path)
+    assert "| ms 1x1x8x8x8 | cpu | 2 [" in block and "| over budget | 0.25 [" in block
 
 
 def test_command_sweep_plots(tmp_path):
@@ -202,5 +281,15 @@ def test_impls_agree_on_a_profile():
     # float32 accumulation: the fused op in double per block, the vectorized one in index_add
     for impl, tol in (("fused", 1e-6), ("vectorized", 1e-4)):
         assert abs(bench.loss_fn(impl)(x, inst).item() - ref.item()) < tol * abs(ref.item())
+    ref_ce = bench.loss_fn("naive_dice_ce")(x.double(), inst)
+    assert torch.equal(bench.loss_fn("fused_dice_ce")(x, inst), blobbench.blob_dice_ce(x, inst))
+    assert abs(bench.loss_fn("fused_dice_ce")(x, inst).item() - ref_ce.item()) < 1e-6 * abs(ref_ce.item())
+    assert torch.equal(ref_ce, blobbench.naive_blob_dice_ce(x.double(), inst))
+    from monai.losses import DiceCELoss
+
+    target = (inst > 0).float()
+    assert torch.equal(bench.loss_fn("monai_dice_ce")(x, inst), DiceCELoss(sigmoid=True)(x, target))
+    assert set(bench.LOSSES) == {"dice", "tversky", "dice_ce"}
+    assert all(i in bench.IMPLEMENTATIONS for impls in bench.LOSSES.values() for i in impls if i)
     assert set(PROFILES) == {"ms", "lits", "disco", "shanel", "deepmact"}
     assert blobbench.has_cuda_kernels() in (True, False)

@@ -173,6 +173,14 @@ def test_asv_suite_runs_on_cpu():
     s.setup(16, "fused", "cpu")
     s.time_forward_backward(16, "fused", "cpu")
     assert s.x.grad is not None and torch.isfinite(s.x.grad).all()
+    # blob Dice+CE next to the Dice implementations in the profile suites (time, peakmem, CUDA memory)
+    assert {"fused_dice_ce", "naive_dice_ce", "monai_dice_ce"} <= set(suite.ProfileSuite.params[1])
+    assert suite.CudaMemory.params[1] == suite.ProfileSuite.params[1]
+    p = suite.ProfileSuite()
+    p.setup("shanel", "fused_dice_ce", "cpu")
+    p.time_forward_backward("shanel", "fused_dice_ce", "cpu")
+    p.peakmem_forward_backward("shanel", "fused_dice_ce", "cpu")
+    assert p.x.grad is not None and torch.isfinite(p.x.grad).all()
 
 
 def test_worker_error_carries_the_traceback(tmp_path):
@@ -228,8 +236,8 @@ def test_over_budget_and_oom_are_results(tmp_path, monkeypatch, capsys):
 def test_command_on_cuda(tmp_path):
     """The command's CUDA path end to end on a tiny case: bare ``cuda`` with a memory budget."""
     rc = main(_argv(tmp_path, "--devices", "cuda", "--memory-budget", "1", "--impls",
-                    "fused,vectorized,naive,monai_dice", "--sweep", "instances", "--sweep-instances", "1,8",
-                    "--sweep-crop", "8,32,32", check=True))
+                    "fused,vectorized,naive,monai_dice,fused_dice_ce,naive_dice_ce,monai_dice_ce", "--sweep",
+                    "instances", "--sweep-instances", "1,8", "--sweep-crop", "8,32,32", check=True))
     assert rc == 0
     res = json.load(open(tmp_path / "out" / "latest" / "result.json"))
     dev = f"cuda:{torch.cuda.current_device()}"
@@ -238,6 +246,10 @@ def test_command_on_cuda(tmp_path):
     naive = [m for m in res["measurements"] if m["impl"] == "naive"]
     assert naive and all(m["peak_bytes"] > 0 for m in naive)
     assert res["checks"]["tiny.npy"]["checks"][f"dice/{dev}"]["loss_rel_diff"] < 1e-5
+    assert res["checks"]["tiny.npy"]["checks"][f"dice_ce/{dev}"]["loss_rel_diff"] < 1e-5
+    assert {m["impl"] for m in res["measurements"] if m["kind"] == "file"} >= {"fused_dice_ce", "naive_dice_ce",
+                                                                               "monai_dice_ce"}
+    assert [r["loss"] for r in res["ratios"]] == ["dice", "dice_ce"]
     assert main(_argv(tmp_path, "--devices", f"cpu,{dev}", out="out2")) == 0
 
 

@@ -1,4 +1,5 @@
-"""pytest-benchmark timings of blob Dice fwd+bwd, grouped by profile (excluded by default).
+"""pytest-benchmark timings of blob Dice (and Tversky, Dice+CE) fwd+bwd, grouped by profile (excluded by
+default).
 
     pytest -m benchmark                                   # run and print the grouped tables
     pytest -m benchmark --benchmark-save=base             # store a baseline (.benchmarks/)
@@ -17,7 +18,8 @@ from blobbench.bench.synthetic import profile_batch
 pytestmark = pytest.mark.benchmark
 
 PROFILES = ["ms", "shanel", "deepmact"]
-IMPLS = ["fused", "fused_tversky", "vectorized", "monai_dice", "naive"]
+IMPLS = ["fused", "fused_tversky", "vectorized", "monai_dice", "naive", "fused_dice_ce", "monai_dice_ce",
+         "naive_dice_ce"]
 _HAVE_CUDA = torch.cuda.is_available() and blobbench.has_cuda_kernels()
 DEVICES = devices_from_env("cpu,cuda" if _HAVE_CUDA else "cpu")
 
@@ -45,7 +47,7 @@ def test_forward_backward(benchmark, batches, profile, impl, device):
     benchmark.extra_info.update(profile=profile, impl=impl, device=device,
                                 instances=int(inst.max()))
     step()  # warm-up
-    if impl == "naive":
+    if impl.startswith("naive"):
         benchmark.pedantic(step, rounds=3, iterations=1)
     else:
         benchmark(step)

@@ -27,7 +27,7 @@ import torch
 
 from .noise import load, summarize_times
 
-__all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "Case", "loss_fn", "forward_backward", "Runner",
+__all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "LOSSES", "Case", "loss_fn", "forward_backward", "Runner",
            "profile_case", "instances_case", "volume_case", "file_case", "normalize_device",
            "normalize_devices", "devices_from_env", "synchronize", "cuda_budget_fraction",
            "cuda_memory_begin", "cuda_memory_peak", "memory_begin", "memory_peak", "host_cost_proxy"]
@@ -40,8 +40,19 @@ IMPLEMENTATIONS = {
     "monai_dice": "MONAI DiceLoss (no instances)",
     "naive_tversky": "naive loop (MONAI TverskyLoss per blob)",
     "fused_tversky": "fused blob.tversky",
+    "naive_dice_ce": "naive loop (MONAI DiceCELoss per blob)",
+    "fused_dice_ce": "fused blob.dice_ce",
+    "monai_dice_ce": "MONAI DiceCELoss (no instances)",
 }
 SWEEP_IMPLS = ("naive", "vectorized", "fused", "monai_dice")
+
+#: loss -> (the paper's loop, the fused op, MONAI's loss without instances or None): what the check
+#: compares (the fused op against the loop) and what the report puts side by side.
+LOSSES = {
+    "dice": ("naive", "fused", "monai_dice"),
+    "tversky": ("naive_tversky", "fused_tversky", None),
+    "dice_ce": ("naive_dice_ce", "fused_dice_ce", "monai_dice_ce"),
+}
 
 
 def loss_fn(impl: str):
@@ -58,11 +69,20 @@ def loss_fn(impl: str):
         return lambda x, i: blobbench.blob_dice(x, i)
     if impl == "fused_tversky":
         return lambda x, i: blobbench.blob_tversky(x, i)
+    if impl == "naive_dice_ce":
+        return lambda x, i: blobbench.naive_blob_dice_ce(x, i)
+    if impl == "fused_dice_ce":
+        return lambda x, i: blobbench.blob_dice_ce(x, i)
     if impl == "monai_dice":
         from monai.losses import DiceLoss
 
         dice = DiceLoss(sigmoid=True)
         return lambda x, i: dice(x, (i > 0).to(x.dtype))
+    if impl == "monai_dice_ce":
+        from monai.losses import DiceCELoss
+
+        dice_ce = DiceCELoss(sigmoid=True)
+        return lambda x, i: dice_ce(x, (i > 0).to(x.dtype))
     raise ValueError(f"unknown implementation {impl!r}; choose from {sorted(IMPLEMENTATIONS)}")
 
 
@@ -447,7 +467,8 @@ def _cap_address_space(extra: int) -> None:
 
 
 def _check_worker(conn, task):
-    """Fused (float32, every device) against the naive loop (float64, CPU): loss and gradient, one
+    """Fused (float32, every device) against the naive loop (float64, CPU), for each loss of
+    ``task["losses"]`` (:data:`LOSSES`: dice, tversky, dice_ce): loss and gradient, one
     crop (batch element) at a time so that the loop's graph stays a crop's worth; the largest
     differences over the crops are reported. Without CUDA devices the process may use at most 80 %
     of the memory that was available when it started: beyond that the check is "out of memory",
@@ -459,7 +480,7 @@ def _check_worker(conn, task):
             # not with CUDA: its context reserves far more address space than it uses
             _cap_address_space(int(0.8 * _mem_available()))
         out = {}
-        for loss, naive, fused in (("dice", "naive", "fused"), ("tversky", "naive_tversky", "fused_tversky")):
+        for loss, (naive, fused, _) in LOSSES.items():
             if loss not in task["losses"]:
                 continue
             for b in range(x.shape[0]):

@@ -18,7 +18,8 @@ import torch
 from .noise import DEFAULT_FACTOR, DEFAULT_THRESHOLD
 
 DEFAULT_PROFILES = ("ms", "lits", "disco", "shanel", "deepmact")
-DEFAULT_IMPLS = ("naive", "vectorized", "fused", "fused_tversky", "monai_dice")
+DEFAULT_IMPLS = ("naive", "vectorized", "fused", "fused_tversky", "monai_dice", "naive_dice_ce", "fused_dice_ce",
+                 "monai_dice_ce")
 DEFAULT_SWEEP_N = (1, 4, 16, 64, 256, 1000, 2000)
 DEFAULT_SWEEP_EDGES = (32, 64, 128, 256)
 
@@ -35,7 +36,8 @@ minutes on a 2-core CPU):
    label file given with --labels: check the fused ops against the paper's loop (float64) and print
    the largest differences, then time forward + backward of the naive loop, the vectorized
    reference, the fused ops (CPU, and CUDA where present) and plain MONAI DiceLoss, with peak
-   memory, each in a fresh process;
+   memory, each in a fresh process; the same for blob Dice+CE: the fused op against the loop with
+   MONAI DiceCELoss per blob and plain MONAI DiceCELoss;
 2. sweep the instance count (1 ... 2000 in a fixed crop) and the volume (32^3 ... 256^3 with a
    fixed count), so that O(N*V) against O(V) shows;
 3. measure again what was noisy (spread over --noise-threshold, or a sweep point far off its
@@ -128,8 +130,9 @@ def build_parser():
     ap.add_argument("--sweep-count", type=int, default=25, help="instances in the volume sweep (default 25)")
     ap.add_argument("--impls", type=_csv(str), default=list(DEFAULT_IMPLS),
                     help="implementations for the profiles: naive, vectorized, fused, fused_tversky, "
-                         "naive_tversky, monai_dice (default: all but naive_tversky); the sweeps use the "
-                         "Dice ones among them")
+                         "naive_tversky, monai_dice, naive_dice_ce, fused_dice_ce, monai_dice_ce (default: "
+                         "all but naive_tversky); the sweeps use the Dice ones among them (naive, vectorized, "
+                         "fused, monai_dice)")
     ap.add_argument("--devices", type=_csv(str), default=None,
                     help="cpu, cuda (the current GPU) and/or cuda:N, comma separated (default: cpu, plus cuda "
                          "when a GPU and the CUDA kernels are present)")
@@ -254,7 +257,7 @@ def run_bench(args) -> dict:
 
     from . import bench
     from .noise import load, remeasure_noisy, remeasure_proxy
-    from .report import ratios
+    from .report import all_ratios
     from .runs import git_revision, machine_slug, new_run_dir, run_id, update_latest
 
     if args.threads:
@@ -285,7 +288,7 @@ def run_bench(args) -> dict:
                           for n in args.sweep_instances]
             if args.sweep in ("both", "volume"):
                 cases += [bench.volume_case(e, args.sweep_count, args.seed, work) for e in args.sweep_edges]
-        losses = [loss for loss, impl in (("dice", "fused"), ("tversky", "fused_tversky")) if impl in args.impls]
+        losses = [loss for loss, (_, fused, _) in bench.LOSSES.items() if fused in args.impls]
         tasks = []
         for c in cases:
             impls = args.impls if c.kind in ("profile", "file") else [i for i in args.impls if i in bench.SWEEP_IMPLS]
@@ -327,7 +330,7 @@ def run_bench(args) -> dict:
         "host_proxy": proxy,
         "elapsed_s": time.perf_counter() - t_start,
     }
-    result["ratios"] = ratios(result)
+    result["ratios"] = all_ratios(result)
     written = write_run(result, out, plots=not args.no_plots)
     latest = update_latest(args.out, out)
     print(f"wrote {', '.join(written)} in {result['elapsed_s']:.0f} s; {latest} -> {out.name}")

@@ -5,43 +5,88 @@ import math
 import os
 import re
 
-from .bench import IMPLEMENTATIONS
+from .bench import IMPLEMENTATIONS, LOSSES
 from .noise import DEFAULT_FACTOR, DEFAULT_THRESHOLD, busy_warning, noise_reasons, summarize_times
 
-__all__ = ["ratios", "print_report", "plot_report", "noise_flags", "readme_block", "update_readme"]
+__all__ = ["ratios", "all_ratios", "time_ratio", "RATIO_BASE", "print_report", "plot_report", "noise_flags",
+           "readme_block", "update_readme"]
 
 
 def _by(results, case, device):
     return {r["impl"]: r for r in results if r["case"] == case and r["device"] == device}
 
 
-def ratios(result: dict) -> list[dict]:
-    """Headline ratios per (profile or file case, device): the fused op against the others.
+#: implementation -> the fused op its "time/fused" and "mem/fused" columns are against (default
+#: ``fused``, blob Dice): the Dice+CE ones against ``fused_dice_ce``.
+RATIO_BASE = {impl: LOSSES["dice_ce"][1] for impl in LOSSES["dice_ce"] if impl}
 
-    ``speedup_vs_X`` = median time of X / median time of fused (> 1: fused is faster);
-    ``time_over_monai`` / ``memory_over_monai`` = fused / MONAI DiceLoss (< 1: fused is cheaper).
+#: loss -> the implementations its headline ratios put against the fused op.
+_RATIO_OTHERS = {"dice": ("naive", "vectorized", "monai_dice"), "dice_ce": ("naive_dice_ce", "monai_dice_ce")}
+
+
+def _q(r, k):
+    """Quartile ``k`` (``q1_s``/``q3_s``) of a measurement; from its times, or its median when neither
+    is recorded (an older result)."""
+    if k in r:
+        return r[k]
+    return summarize_times(r["times_s"])[k] if r.get("times_s") else r["median_s"]
+
+
+def time_ratio(a: dict, b: dict) -> tuple[float, float, float]:
+    """a / b of the median times with the interval ``[a q1 / b q3, a q3 / b q1]`` from the
+    repetitions' quartiles (as ``blobbench compare``): the ratio's range when both sit anywhere in
+    their middle halves."""
+    return (a["median_s"] / b["median_s"], _q(a, "q1_s") / _q(b, "q3_s"), _q(a, "q3_s") / _q(b, "q1_s"))
+
+
+def ratios(result: dict, loss: str = "dice") -> list[dict]:
+    """Headline ratios per (profile or file case, device): a loss's fused op against the others
+    (``loss``: ``dice``, blob.dice against the loop, the vectorized reference and MONAI DiceLoss;
+    ``dice_ce``, blob.dice_ce against the loop with MONAI DiceCELoss per blob and MONAI DiceCELoss).
+
+    ``speedup_vs_X`` = median time of X / median time of fused (> 1: fused is faster), with
+    ``speedup_vs_X_interval`` from the quartiles (:func:`time_ratio`); ``time_over_monai`` (and its
+    ``_interval``) / ``memory_over_monai`` = fused / MONAI's loss without instances (< 1: fused is
+    cheaper); ``memory_over_naive`` = fused / the loop's peak memory.
     """
+    naive, fused, monai = LOSSES[loss]
     out = []
     for case in result["cases"]:
         if case["kind"] not in ("profile", "file"):
             continue
         for device in result["settings"]["devices"]:
             m = _by(result["measurements"], case["name"], device)
-            f = m.get("fused")
+            f = m.get(fused)
             if not f or f["status"] != "ok":
                 continue
             row = {"case": case["name"], "device": device, "fused_median_s": f["median_s"]}
-            for other in ("naive", "vectorized", "monai_dice"):
+            for other in _RATIO_OTHERS.get(loss) or [i for i in (naive, monai) if i]:
                 o = m.get(other)
                 if o is None:
                     continue
-                row[f"speedup_vs_{other}"] = o["median_s"] / f["median_s"] if o["status"] == "ok" else o["status"]
-            mo = m.get("monai_dice")
+                if o["status"] == "ok":
+                    r, lo, hi = time_ratio(o, f)
+                    row[f"speedup_vs_{other}"] = r
+                    row[f"speedup_vs_{other}_interval"] = [lo, hi]
+                else:
+                    row[f"speedup_vs_{other}"] = o["status"]
+            mo = m.get(monai)
             if mo and mo["status"] == "ok":
-                row["time_over_monai"] = f["median_s"] / mo["median_s"]
+                r, lo, hi = time_ratio(f, mo)
+                row["time_over_monai"] = r
+                row["time_over_monai_interval"] = [lo, hi]
                 row["memory_over_monai"] = f["peak_bytes"] / max(mo["peak_bytes"], 1)
+            mn = m.get(naive)
+            if mn and mn["status"] == "ok" and "peak_bytes" in mn:
+                row["memory_over_naive"] = f["peak_bytes"] / max(mn["peak_bytes"], 1)
+            row["loss"] = loss
             out.append(row)
     return out
+
+
+def all_ratios(result: dict) -> list[dict]:
+    """:func:`ratios` of blob Dice, then of blob Dice+CE (each row says its ``loss``)."""
+    return ratios(result, "dice") + ratios(result, "dice_ce")
 
 
 def _cell(r, noisy=False):
@@ -139,8 +184,15 @@ def print_report(result: dict, file=None) -> None:
         notes = []
         for device in devices:
             m = _by(meas, case["name"], device)
-            f = m.get("fused")
-            for impl, r in m.items():
+            # blob Dice and Tversky rows first (ratios against blob.dice), then blob Dice+CE (against
+            # blob.dice_ce) under a line that says so
+            order = sorted(m, key=lambda i: i in RATIO_BASE)
+            for impl in order:
+                r = m[impl]
+                base = RATIO_BASE.get(impl, "fused")
+                if base != "fused" and impl == next(i for i in order if i in RATIO_BASE):
+                    p(f"  -- blob Dice+CE ({device}): time/fused and mem/fused against {IMPLEMENTATIONS[base]}")
+                f = m.get(base)
                 noisy = flags.get((case["name"], impl, device))
                 if r["status"] == "ok":
                     spread = f"[{r['min_s'] * 1e3:.3g}, {r['max_s'] * 1e3:.3g}]"
@@ -200,6 +252,7 @@ def print_report(result: dict, file=None) -> None:
     if proxy_line:
         p("\n" + proxy_line)
     rows = ratios(result)
+    ce_rows = ratios(result, "dice_ce")
     if rows:
         p("\nheadline ratios (fused op against the others; speedup = their time / fused time; they depend on "
           "the machine)")
@@ -212,12 +265,37 @@ def print_report(result: dict, file=None) -> None:
             p(f"  {r['case']:12s} {r['device']:7s} {r['fused_median_s'] * 1e3:9.3g} {sp('speedup_vs_naive'):>12s} "
               f"{sp('speedup_vs_vectorized'):>14s} {r.get('time_over_monai', float('nan')):17.2f} "
               f"{r.get('memory_over_monai', float('nan')):19.2f}")
+    if ce_rows:
+        p("\nheadline ratios, blob Dice+CE (fused blob.dice_ce against the loop with MONAI DiceCELoss per blob and "
+          "plain MONAI DiceCELoss; [interval]: the ratio's range from the repetitions' quartiles, numerator q1 / "
+          "denominator q3 to numerator q3 / denominator q1)")
+        p(f"  {'case':12s} {'device':7s} {'fused ms':>9s} {'vs naive loop':>22s} {'fused/MONAI time':>22s} "
+          f"{'fused/MONAI memory':>19s} {'fused/naive memory':>19s}")
+        for r in ce_rows:
+            p(f"  {r['case']:12s} {r['device']:7s} {r['fused_median_s'] * 1e3:9.3g} "
+              f"{_with_interval(r, 'speedup_vs_naive_dice_ce', 'x'):>22s} {_with_interval(r, 'time_over_monai'):>22s} "
+              f"{_f2(r.get('memory_over_monai')):>19s} {_f3(r.get('memory_over_naive')):>19s}")
     p("")
+
+
+def _with_interval(row, key, unit=""):
+    """``1.2x [1.1, 1.3]`` of a ratio and its interval, the status for a failed measurement, ``-``."""
+    v = row.get(key)
+    if v is None or isinstance(v, str):
+        return "-" if v is None else v
+    lo, hi = row.get(f"{key}_interval", (v, v))
+    d = 1 if unit and v >= 10 else 2
+    return f"{v:.{d}f}{unit} [{lo:.{d}f}, {hi:.{d}f}]"
+
+
+def _f3(v):
+    return "-" if v is None else f"{v:.3f}"
 
 
 _STYLE = {"naive": ("tab:red", "o"), "vectorized": ("tab:orange", "s"), "fused": ("tab:blue", "^"),
           "monai_dice": ("tab:gray", "D"), "naive_tversky": ("tab:pink", "o"),
-          "fused_tversky": ("tab:cyan", "v")}
+          "fused_tversky": ("tab:cyan", "v"), "naive_dice_ce": ("tab:brown", "o"),
+          "fused_dice_ce": ("tab:green", "P"), "monai_dice_ce": ("tab:olive", "X")}
 
 
 def _decade_below(values):
@@ -432,6 +510,25 @@ def readme_block(result: dict, run_dir) -> str:
             f"{r['fused_median_s'] * 1e3:.3g} [{f['min_s'] * 1e3:.3g}-{f['max_s'] * 1e3:.3g}]{noisy} | "
             f"{_x(r.get('speedup_vs_naive'))} | {_x(r.get('speedup_vs_vectorized'), 1)} | "
             f"{_f2(r.get('time_over_monai'))} | {_f2(r.get('memory_over_monai'))} |")
+    ce_rows = ratios(result, "dice_ce")
+    if ce_rows:
+        lines += [
+            "",
+            "Blob Dice+CE (`blob_dice_ce`) against the paper's loop with MONAI DiceCELoss per blob and plain MONAI "
+            "DiceCELoss; [interval] from the repetitions' quartiles:",
+            "",
+            "| case | device | fused ms [min-max] | vs naive loop | fused / MONAI DiceCELoss time | fused / MONAI "
+            "peak memory | fused / naive peak memory |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in ce_rows:
+            f = _by(result["measurements"], r["case"], r["device"])["fused_dice_ce"]
+            noisy = " (noisy)" if flags.get((r["case"], "fused_dice_ce", r["device"])) else ""
+            lines.append(
+                f"| {r['case']} {'x'.join(map(str, cases[r['case']]['shape']))} | {r['device']} | "
+                f"{r['fused_median_s'] * 1e3:.3g} [{f['min_s'] * 1e3:.3g}-{f['max_s'] * 1e3:.3g}]{noisy} | "
+                f"{_with_interval(r, 'speedup_vs_naive_dice_ce', 'x')} | {_with_interval(r, 'time_over_monai')} | "
+                f"{_f2(r.get('memory_over_monai'))} | {_f3(r.get('memory_over_naive'))} |")
     proxy = host_proxy_line(result.get("host_proxy"))
     if proxy:
         lines += ["", proxy[0].upper() + proxy[1:] + "."]

@@ -84,7 +84,7 @@ BLOB_HD T bce_logits(T x, bool target) {
 template <typename T>
 BLOB_HD T bce_prob(T p, bool target) {
   const T l = target ? log(p) : log1p(-p);
-  return l > T(-100) ? -l : T(100);
+  return l > T(-100) || l != l ? -l : T(100);  // a p outside [0, 1] gives NaN, not the clamp
 }
 
 template <typename T>

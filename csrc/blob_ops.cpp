@@ -339,10 +339,10 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
 
 // ---- Dice+CE on devices without fused CE kernels ---------------------------------------------
 // (CUDA for now: its kernels compute the Dice sums and the Dice gradient only.) The Dice part
-// runs the device's kernels; the per-label BCE sums and the BCE part of the gradient are ATen
-// ops (an index_add and elementwise ops); the finalisation runs on the host (one sync). The same
-// numbers as the fused CPU kernels, which tests hold it to on the CPU through
-// BLOBBENCH_DICE_CE=composite.
+// runs the device's kernels; each voxel's BCE and the BCE part of the gradient are elementwise
+// ATen ops, the per-label BCE sums come from the device's accumulate kernel (deterministic), and
+// the finalisation runs on the host (one sync). The same numbers as the fused CPU kernels, which
+// the tests hold it to on the CPU through BLOBBENCH_DICE_CE=composite.
 
 bool use_ce_composite(const DeviceKernels& kernels) {
   if (!kernels.fused_ce) return true;
@@ -373,7 +373,8 @@ at::Tensor flat_table_index(const at::Tensor& labels, int64_t K) {
 }
 
 // Per-voxel BCE in the form of the global term (column 0) and of the blob terms (column 1).
-at::Tensor voxel_bce(const at::Tensor& x, const at::Tensor& target, const LossParams& prm) {
+std::pair<at::Tensor, at::Tensor> voxel_bce(const at::Tensor& x, const at::Tensor& target,
+                                            const LossParams& prm) {
   auto logits_form = [&] {
     at::Tensor z = at::where(target, x.neg(), x);
     return z.clamp_min(0).add_(x.abs().neg_().exp_().log1p_());
@@ -384,9 +385,9 @@ at::Tensor voxel_bce(const at::Tensor& x, const at::Tensor& target, const LossPa
   };
   at::Tensor g = global_ce_on_logits(prm) ? logits_form() : prob_form();
   at::Tensor b = blob_ce_on_logits(prm) == global_ce_on_logits(prm)
-                     ? g
+                     ? at::Tensor()
                      : (blob_ce_on_logits(prm) ? logits_form() : prob_form());
-  return at::stack({g, b}, -1);
+  return {g, b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward_composite(
@@ -402,16 +403,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward_composite(
   at::Tensor stats3 = at::empty({B, C, K, kNumStats}, input.options().dtype(at::kDouble));
   at::Tensor invalid;
   if (kernels.uses_invalid_flag) invalid = at::zeros({}, input.options().dtype(at::kInt));
-  const bool ok = kernels.accumulate(as_planes(input), as_planes(range.labels), dice, K,
-                                     range.bound, stats3, invalid, op);
+  at::Tensor labels = as_planes(range.labels);
+  const bool ok =
+      kernels.accumulate(as_planes(input), labels, dice, K, range.bound, stats3, invalid, op);
   TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
                     num(range.bound - 1), "), or a negative id");
-  at::Tensor labels = as_planes(range.labels);
+  // The per-label BCE sums, by the same device's accumulate kernel run on each voxel's BCE as a
+  // "probability" (activation none): its sum column is the BCE sum, in the kernel's fixed,
+  // deterministic order (an index_add would use atomics on CUDA).
   at::Tensor x = as_planes(input).to(acc_dtype(input.scalar_type()));
-  at::Tensor bce = voxel_bce(x, labels.gt(0), prm).to(at::kDouble).view({-1, 2});
-  at::Tensor ce = at::zeros({B * C * K, 2}, stats3.options())
-                      .index_add_(0, flat_table_index(labels, K), bce)
-                      .view({B, C, K, 2});
+  auto bce = voxel_bce(x, labels.gt(0), prm);
+  LossParams sums = dice;
+  sums.activation = kNoActivation;
+  sums.masking = kPaper;
+  sums.squared_pred = false;
+  auto bce_sums = [&](const at::Tensor& values) {
+    at::Tensor t = at::empty({B, C, K, kNumStats}, stats3.options());
+    kernels.accumulate(values.contiguous(), labels, sums, K, range.bound, t, invalid, op);
+    return t.narrow(3, 0, 1);
+  };
+  at::Tensor ce_g = bce_sums(bce.first);
+  at::Tensor ce_b = bce.second.defined() ? bce_sums(bce.second) : ce_g;
+  at::Tensor ce = at::cat({ce_g, ce_b}, -1);
   at::Tensor stats = at::cat({stats3, ce}, -1).cpu().contiguous();
   at::Tensor coef_host = at::empty({B, C, K, kNumCoefCE}, stats.options());
   double value = 0.0;
@@ -578,7 +591,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward(
   if (input.dim() >= 2 && input.numel() > 0) {
     prm.inv_voxels = double(input.size(0) * input.size(1)) / double(input.numel());
   }
-  return loss_forward(k, input, instances, prm, max_label, op);
+  auto out = loss_forward(k, input, instances, prm, max_label, op);
+  if (prm.activation == kNoActivation) {
+    // The cross-entropy of probabilities is defined on [0, 1] (torch's binary_cross_entropy
+    // raises outside). The CPU raises; CUDA cannot without a sync and makes the result NaN.
+    at::Tensor bad = at::logical_or(input.lt(0), input.gt(1)).any();
+    if (!k.uses_invalid_flag) {
+      TORCH_CHECK_VALUE(!bad.item<bool>(), op,
+                        ": with activation=\"none\" `input` must hold probabilities in [0, 1] "
+                        "(the domain of the binary cross-entropy), found values outside");
+    } else {
+      const double nan = std::numeric_limits<double>::quiet_NaN();
+      std::get<0>(out).masked_fill_(bad, nan);
+      std::get<1>(out).masked_fill_(bad, nan);
+    }
+  }
+  return out;
 }
 
 at::Tensor dice_ce_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& input,

@@ -107,12 +107,54 @@ def test_saturated_logits_in_float32_follow_torchs_float32(path):
         assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
 
 
-def test_lambda_dice_only_is_blob_dice_and_lambda_ce_adds_a_bce():
+def test_lambda_dice_only_is_blob_dice_and_lambda_ce_adds_a_bce(path):
     x, instances, alpha, beta, options = dice_ce_case(4)
     options.update(lambda_dice=1.0, lambda_ce=0.0)
     dice_options = {k: v for k, v in options.items() if not k.startswith("lambda")}
     dice = with_spatial_dims(blobbench.blob_dice)(x, instances, alpha, beta, **dice_options)
     assert rel_err(blob_dice_ce(x, instances, alpha, beta, **options), dice) <= 1e-12
+    # The global term alone (beta = 0) with lambda_dice = 0 is torch's BCE with logits, mean over
+    # all voxels and channels: no MONAI involved.
+    x = torch.randn(3, 2, 5, 6, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    inst = random_instances(np.random.default_rng(4), x.shape, 4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, (inst > 0).double())
+    got = blob_dice_ce(x, inst, 0.7, 0.0, lambda_dice=0.0, lambda_ce=1.0)
+    assert rel_err(got, 0.7 * bce) <= 1e-12
+
+
+@pytest.mark.parametrize("logit", [-8.0, -12.0, -16.0])
+@pytest.mark.parametrize("case", ["none", "paper"])
+def test_confident_background_in_float32(logit, case, path):
+    # The BCE of a background voxel with a small p is log1p(-p) (as torch computes it), not
+    # log(1 - p), which loses p's low bits in float32: one confident blob, confident background.
+    inst = torch.zeros(2, 1, 24, 24, dtype=torch.int64)
+    inst[0, 0, 5:9, 5:9] = 1
+    inst[1, 0, 12:15, 3:8] = 2
+    noise = torch.rand(inst.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = torch.where(inst > 0, 2.0, logit) + noise  # the blobs unsaturated: float32 p near 1 is coarse
+    opts = dict(lambda_dice=0.0) if case == "paper" else dict(activation="none", lambda_dice=0.0)
+    if case == "none":
+        x = torch.sigmoid(x)
+    for alpha, beta in ((2.0, 1.0), (0.0, 1.0)):
+        want = loss_and_grad(naive_blob_dice_ce, x, inst, alpha, beta, **opts)
+        got = loss_and_grad(blob_dice_ce, x.float(), inst, alpha, beta, **opts)
+        assert rel_err(got[0], want[0]) <= 1e-4 and rel_err(got[1], want[1]) <= 1e-4
+
+
+def test_probabilities_outside_0_1_raise_on_the_cpu(path):
+    inst = torch.zeros(1, 1, 8, 8, dtype=torch.int64)
+    inst[0, 0, 2:4, 2:4] = 1
+    for bad in (1.5, -0.25):
+        p = torch.full((1, 1, 8, 8), 0.2)
+        p[0, 0, 0, 0] = bad
+        with pytest.raises(
+            ValueError, match=r'blob.dice_ce: with activation="none" `input` must hold probabilities in \[0, 1\]'
+        ):
+            blobbench.blob_dice_ce(p, inst, activation="none", spatial_dims=2)
+    # NaN is not out of range: it propagates, as everywhere (no hidden check)
+    p = torch.full((1, 1, 8, 8), 0.2)
+    p[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(blobbench.blob_dice_ce(p, inst, activation="none", spatial_dims=2))
 
 
 def test_compacted_and_bounded_label_ranges(path):
@@ -155,7 +197,9 @@ def test_fused_and_composite_agree_on_the_coefficient_table(monkeypatch):
 
 
 @devices
-def test_gradcheck_float64(device):
+def test_gradcheck_float64(device, path):
+    if device == "cuda" and path == "composite":
+        pytest.skip("CUDA always runs the composite")
     for seed in (1, 2, 5, 8):
         x, instances, alpha, beta, options = dice_ce_case(seed)
         x = x.to(device).requires_grad_(True)
@@ -235,7 +279,7 @@ def test_device_matches_cpu_and_naive_loop(device, seed):
 
 @devices
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-def test_half_inputs_give_a_float32_loss(device, dtype, tol):
+def test_half_inputs_give_a_float32_loss(device, dtype, tol, path):
     x, instances, alpha, beta, options = dice_ce_case(3)
     want_loss, want_grad = loss_and_grad(naive_blob_dice_ce, x.double(), instances, alpha, beta, **options)
     loss, grad = loss_and_grad(blob_dice_ce, x.to(device, dtype), instances.to(device), alpha, beta, **options)
@@ -252,8 +296,17 @@ def test_id_above_max_label(device):
     if device == "cpu":
         with pytest.raises(ValueError, match=r"blob.dice_ce: `instances` holds an id outside \[0, max_label\]"):
             blobbench.blob_dice_ce(x, instances, max_label=10, spatial_dims=x.dim() - 2)
-    else:  # no sync to raise: NaN
-        assert torch.isnan(blobbench.blob_dice_ce(x, instances, max_label=10, spatial_dims=x.dim() - 2))
+    else:  # no sync to raise: NaN, loss and gradient
+        x.requires_grad_(True)
+        loss = blobbench.blob_dice_ce(x, instances, max_label=10, spatial_dims=x.dim() - 2)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(x.grad).all()
+    p = torch.sigmoid(x.detach())
+    p.view(-1)[1] = 1.5
+    if device == "cuda":  # probabilities outside [0, 1]: NaN on CUDA (the CPU raises, above)
+        assert torch.isnan(
+            blobbench.blob_dice_ce(p, instances.clamp(max=10), activation="none", spatial_dims=x.dim() - 2)
+        )
 
 
 def _small():

@@ -31,10 +31,10 @@ inline float vec_exp(float x) {
 inline double vec_exp(double x) { return std::exp(x); }
 
 // log for float in plain arithmetic (Cephes' logf polynomial, about 1 ulp) for normal x > 0;
-// -inf below the smallest normal float. (Its caller clamps the log at -100 as torch's
-// binary_cross_entropy does: torch's float sigmoid is 0 below x = -88.7, where the log becomes
-// -inf and the clamp 100; vec_exp's clamp leaves a subnormal p there instead, which this maps to
-// the same 100. Only in (-88.7, -87.3) do the two differ.)
+// -inf from 0 to the smallest normal float, NaN below 0. (Its caller clamps the log at -100 as
+// torch's binary_cross_entropy does: torch's float sigmoid is 0 below x = -88.7, where the log
+// becomes -inf and the clamp 100; vec_exp's clamp leaves a subnormal p there instead, which this
+// maps to the same 100. Only in (-88.7, -87.3) do the two differ.)
 inline float vec_log(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
@@ -60,7 +60,11 @@ inline float vec_log(float x) {
   y += -0.5f * z;
   float r = m + y;
   r += 0.693359375f * fe;
-  return x >= std::numeric_limits<float>::min() ? r : -std::numeric_limits<float>::infinity();
+  // NaN for x < 0 or NaN, as std::log
+  return x >= std::numeric_limits<float>::min()
+             ? r
+             : (x >= 0.0f ? -std::numeric_limits<float>::infinity()
+                          : std::numeric_limits<float>::quiet_NaN());
 }
 
 template <typename scalar_t>
@@ -125,8 +129,12 @@ inline void bce_block(const scalar_t* x, const float* p, const label_t* lab, int
     float* out = g_logits ? eb : eg;
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
-      const float l = vec_log(lab[j] != 0 ? p[j] : 1.0f - p[j]);
-      out[j] = l > -100.0f ? -l : 100.0f;
+      // log(p) for a target voxel, log1p(-p) for the others (as torch: accurate for small p)
+      const float u = -p[j];
+      const float w = 1.0f + u;
+      const float log1p_u = w == 1.0f ? u : vec_log(w) * (u / (w - 1.0f));
+      const float l = lab[j] != 0 ? vec_log(p[j]) : log1p_u;
+      out[j] = l > -100.0f || l != l ? -l : 100.0f;  // NaN (p outside [0, 1]) stays NaN
     }
   }
   if (g_logits == b_logits) std::memcpy(eb, eg, sizeof(float) * m);

@@ -326,7 +326,7 @@ class nnUNetTrainerBlobDice(_BlobLossTrainer):
 class nnUNetTrainerBlobDiceCE_demo(nnUNetTrainerBlobDiceCE):
     """``nnUNetTrainerBlobDiceCE`` for a demo or a smoke test: 2 epochs of 3 training iterations and
     1 validation iteration (nnU-Net's default is 1000 epochs of 250). The README's nnU-Net example
-    and CI train it end to end on the CPU in about a minute.
+    and CI train it end to end on the CPU (about two minutes with nnU-Net's final validation).
 
     nnU-Net records a trainer's ``__init__`` arguments by name, so a subclass spells out the
     signature, as here.

@@ -47,7 +47,7 @@ fi
 
 if want profile; then
 log "profiler: kernels per call, kernel time, wall time (fused with max_label vs MONAI)"
-timeout 120 python3 benchmarks/gpu/profile_calls.py --out "$OUT/profile_calls.json" \
+timeout 180 python3 benchmarks/gpu/profile_calls.py --out "$OUT/profile_calls.json" \
   > "$OUT/profile_calls.log" 2>&1 || { echo "profile_calls: exit $?"; status=1; }
 grep -v "^    " "$OUT/profile_calls.log" | tail -6
 fi

@@ -6,7 +6,9 @@ For each profile's paper batch (float32 logits, int32 labels, the seeded synthet
 path) and of MONAI DiceLoss under ``torch.profiler`` with CUDA activity, and reports per call:
 kernel launches, summed kernel time, the names of the kernels, and the wall time measured
 around the calls (synchronised). The issue's targets: at most 4 launches per forward + backward
-and <= 150 us wall per call at the MS and SHANEL paper batches.
+and <= 150 us wall per call at the MS and SHANEL paper batches. At those two batches it also
+profiles blob Dice+CE (``blob_dice_ce`` with ``max_label``; on CUDA a composite of the Dice
+kernels and PyTorch ops with one host sync) against MONAI DiceCELoss (issue 13).
 
     python benchmarks/gpu/profile_calls.py --out profile_calls.json
 """
@@ -72,10 +74,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
     ap.add_argument("--small", action="store_true", help="one crop per profile, no large plane")
     args = ap.parse_args(argv)
-    from monai.losses import DiceLoss
+    from monai.losses import DiceCELoss, DiceLoss
 
     device = torch.device(args.device)
     dice = DiceLoss(sigmoid=True)
+    dice_ce = DiceCELoss(sigmoid=True)
     name_of = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = {"device": name_of, "torch": torch.__version__, "cases": {}}
     for name, x, inst in _cases(device, args.small):
@@ -99,6 +102,20 @@ def main(argv=None):
               f" | fused/MONAI {res['wall_ratio_fused_over_monai']:.2f}", flush=True)
         for k, v in f["kernels"].items():
             print(f"    {v:4.1f} x {k}")
+        if name in ("ms", "shanel"):
+            res["fused_dice_ce_max_label"] = _profile(
+                lambda t, i, m=max_label: blobbench.blob_dice_ce(t, i, max_label=m), x, inst, args.calls
+            )
+            res["monai_dice_ce"] = _profile(lambda t, i, g=target: dice_ce(t, g), x, inst, args.calls)
+            f, m = res["fused_dice_ce_max_label"], res["monai_dice_ce"]
+            res["wall_ratio_fused_dice_ce_over_monai"] = f["wall_us_per_call"] / m["wall_us_per_call"]
+            print(
+                f"{name + ' Dice+CE':24s} fused: {f['wall_us_per_call']:8.1f} us wall, "
+                f"{f['kernel_us_per_call']:7.1f} us kernels, {f['kernels_per_call']:4.1f} launches | "
+                f"MONAI: {m['wall_us_per_call']:8.1f} us wall, {m['kernels_per_call']:4.1f} launches"
+                f" | fused/MONAI {res['wall_ratio_fused_dice_ce_over_monai']:.2f}",
+                flush=True,
+            )
         del x, inst
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -54,6 +54,25 @@ def _check_layout(input, spatial_dims, fn):
         )
 
 
+def _changed_options(activation, masking, smooth_nr, smooth_dr, max_label):
+    """The shared options that differ from the schemas' defaults, as keyword arguments.
+
+    Only those cross into C++: converting an argument costs ~0.3 us, a noticeable share of a small
+    call (tests hold the Python defaults equal to the schemas')."""
+    kwargs = {}
+    if activation != "sigmoid":
+        kwargs["activation"] = activation
+    if masking != "paper":
+        kwargs["masking"] = masking
+    if smooth_nr != 1e-5:
+        kwargs["smooth_nr"] = float(smooth_nr)
+    if smooth_dr != 1e-5:
+        kwargs["smooth_dr"] = float(smooth_dr)
+    if max_label is not None:
+        kwargs["max_label"] = _max_label_arg(max_label)
+    return kwargs
+
+
 # The operator overloads, looked up once. Eager calls go to the public ops (autograd in C++,
 # one dispatch per call); torch.compile traces the private forward ops (blobbench/_ops.py).
 _DICE = torch.ops.blob.dice.default
@@ -140,22 +159,9 @@ def blob_dice(
             float(smooth_dr),
             _max_label_arg(max_label),
         )[0]
-    # Only the options that differ from the schema's defaults cross into C++: converting an
-    # argument costs ~0.3 us, a noticeable share of a small call (tests/test_dice.py holds the
-    # Python defaults equal to the schema's).
-    kwargs = {}
-    if activation != "sigmoid":
-        kwargs["activation"] = activation
-    if masking != "paper":
-        kwargs["masking"] = masking
+    kwargs = _changed_options(activation, masking, smooth_nr, smooth_dr, max_label)
     if squared_pred:
         kwargs["squared_pred"] = True
-    if smooth_nr != 1e-5:
-        kwargs["smooth_nr"] = float(smooth_nr)
-    if smooth_dr != 1e-5:
-        kwargs["smooth_dr"] = float(smooth_dr)
-    if max_label is not None:
-        kwargs["max_label"] = _max_label_arg(max_label)
     return _DICE(input, instances, float(alpha), float(beta), **kwargs)
 
 
@@ -198,21 +204,11 @@ def blob_tversky(
             float(smooth_dr),
             _max_label_arg(max_label),
         )[0]
-    kwargs = {}
+    kwargs = _changed_options(activation, masking, smooth_nr, smooth_dr, max_label)
     if fp_weight != 0.3:
         kwargs["fp_weight"] = float(fp_weight)
     if fn_weight != 0.7:
         kwargs["fn_weight"] = float(fn_weight)
-    if activation != "sigmoid":
-        kwargs["activation"] = activation
-    if masking != "paper":
-        kwargs["masking"] = masking
-    if smooth_nr != 1e-5:
-        kwargs["smooth_nr"] = float(smooth_nr)
-    if smooth_dr != 1e-5:
-        kwargs["smooth_dr"] = float(smooth_dr)
-    if max_label is not None:
-        kwargs["max_label"] = _max_label_arg(max_label)
     return _TVERSKY(input, instances, float(alpha), float(beta), **kwargs)
 
 
@@ -289,23 +285,13 @@ def blob_dice_ce(
             float(smooth_dr),
             _max_label_arg(max_label),
         )[0]
-    kwargs = {}
+    kwargs = _changed_options(activation, masking, smooth_nr, smooth_dr, max_label)
     if lambda_dice != 1.0:
         kwargs["lambda_dice"] = args[2]
     if lambda_ce != 1.0:
         kwargs["lambda_ce"] = args[3]
-    if activation != "sigmoid":
-        kwargs["activation"] = activation
-    if masking != "paper":
-        kwargs["masking"] = masking
     if squared_pred:
         kwargs["squared_pred"] = True
-    if smooth_nr != 1e-5:
-        kwargs["smooth_nr"] = float(smooth_nr)
-    if smooth_dr != 1e-5:
-        kwargs["smooth_dr"] = float(smooth_dr)
-    if max_label is not None:
-        kwargs["max_label"] = _max_label_arg(max_label)
     return _DICE_CE(input, instances, args[0], args[1], **kwargs)
 
 
@@ -364,7 +350,57 @@ def _without_background(input, instances, cls):
     return input[:, 1:], instances[:, 1:]
 
 
-class BlobDiceLoss(nn.Module):
+class _BlobLossModule(nn.Module):
+    """What the blob loss modules share: the options of every blob loss, resolved once (MONAI's
+    names included, see :class:`BlobDiceLoss`), and the call of the functional loss."""
+
+    def __init__(
+        self,
+        alpha,
+        beta,
+        activation,
+        masking,
+        smooth_nr,
+        smooth_dr,
+        max_label,
+        spatial_dims,
+        sigmoid,
+        softmax,
+        include_background,
+        to_onehot_y,
+        reduction,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        activation = _monai_style(activation, sigmoid, softmax, include_background, to_onehot_y, reduction, name)
+        _check_options(activation, masking, spatial_dims, name)
+        _max_label_arg(max_label)
+        self.include_background = bool(include_background)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.activation, self.masking = activation, masking
+        self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
+        self.max_label = max_label
+        self.spatial_dims = spatial_dims
+
+    def _loss(self, fn, input, instances, **options):
+        if not self.include_background:
+            input, instances = _without_background(input, instances, type(self).__name__)
+        return fn(
+            input,
+            instances,
+            self.alpha,
+            self.beta,
+            activation=self.activation,
+            masking=self.masking,
+            smooth_nr=self.smooth_nr,
+            smooth_dr=self.smooth_dr,
+            max_label=self.max_label,
+            spatial_dims=self.spatial_dims,
+            **options,
+        )
+
+
+class BlobDiceLoss(_BlobLossModule):
     """Blob Dice loss (Kofler et al. 2022, Eq. 1-3) as a module; see :func:`blob_dice`.
 
     Args are those of :func:`blob_dice`; ``forward(input, instances)`` takes
@@ -406,36 +442,14 @@ class BlobDiceLoss(nn.Module):
         to_onehot_y: bool = False,
         reduction: str = "mean",
     ):
-        super().__init__()
-        activation = _monai_style(
-            activation, sigmoid, softmax, include_background, to_onehot_y, reduction, "BlobDiceLoss"
-        )
-        self.include_background = bool(include_background)
-        _check_options(activation, masking, spatial_dims, type(self).__name__)
-        self.alpha, self.beta = float(alpha), float(beta)
-        self.activation, self.masking = activation, masking
+        super().__init__(
+            alpha, beta, activation, masking, smooth_nr, smooth_dr, max_label, spatial_dims,
+            sigmoid, softmax, include_background, to_onehot_y, reduction,
+        )  # fmt: skip
         self.squared_pred = bool(squared_pred)
-        self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
-        self.max_label = max_label
-        self.spatial_dims = spatial_dims
-        _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
-        if not self.include_background:
-            input, instances = _without_background(input, instances, "BlobDiceLoss")
-        return blob_dice(
-            input,
-            instances,
-            self.alpha,
-            self.beta,
-            activation=self.activation,
-            masking=self.masking,
-            squared_pred=self.squared_pred,
-            smooth_nr=self.smooth_nr,
-            smooth_dr=self.smooth_dr,
-            max_label=self.max_label,
-            spatial_dims=self.spatial_dims,
-        )
+        return self._loss(blob_dice, input, instances, squared_pred=self.squared_pred)
 
     def extra_repr(self) -> str:
         return (
@@ -444,7 +458,7 @@ class BlobDiceLoss(nn.Module):
         )
 
 
-class BlobTverskyLoss(nn.Module):
+class BlobTverskyLoss(_BlobLossModule):
     """Blob Tversky loss as a module; see :func:`blob_tversky` (paper defaults 0.3 / 0.7).
 
     MONAI's argument names (``sigmoid``, ``softmax``, ``include_background``, ``to_onehot_y``,
@@ -470,37 +484,14 @@ class BlobTverskyLoss(nn.Module):
         to_onehot_y: bool = False,
         reduction: str = "mean",
     ):
-        super().__init__()
-        activation = _monai_style(
-            activation, sigmoid, softmax, include_background, to_onehot_y, reduction, "BlobTverskyLoss"
-        )
-        self.include_background = bool(include_background)
-        _check_options(activation, masking, spatial_dims, type(self).__name__)
-        self.alpha, self.beta = float(alpha), float(beta)
+        super().__init__(
+            alpha, beta, activation, masking, smooth_nr, smooth_dr, max_label, spatial_dims,
+            sigmoid, softmax, include_background, to_onehot_y, reduction,
+        )  # fmt: skip
         self.fp_weight, self.fn_weight = float(fp_weight), float(fn_weight)
-        self.activation, self.masking = activation, masking
-        self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
-        self.max_label = max_label
-        self.spatial_dims = spatial_dims
-        _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
-        if not self.include_background:
-            input, instances = _without_background(input, instances, "BlobTverskyLoss")
-        return blob_tversky(
-            input,
-            instances,
-            self.alpha,
-            self.beta,
-            fp_weight=self.fp_weight,
-            fn_weight=self.fn_weight,
-            activation=self.activation,
-            masking=self.masking,
-            smooth_nr=self.smooth_nr,
-            smooth_dr=self.smooth_dr,
-            max_label=self.max_label,
-            spatial_dims=self.spatial_dims,
-        )
+        return self._loss(blob_tversky, input, instances, fp_weight=self.fp_weight, fn_weight=self.fn_weight)
 
     def extra_repr(self) -> str:
         return (
@@ -509,7 +500,7 @@ class BlobTverskyLoss(nn.Module):
         )
 
 
-class BlobDiceCELoss(nn.Module):
+class BlobDiceCELoss(_BlobLossModule):
     """Blob Dice+CE loss as a module; see :func:`blob_dice_ce`.
 
     ``forward(input, instances)``: ``input: Tensor[B, C, *spatial]`` logits, ``instances``
@@ -544,11 +535,11 @@ class BlobDiceCELoss(nn.Module):
         to_onehot_y: bool = False,
         reduction: str = "mean",
     ):
-        super().__init__()
-        activation = _monai_style(
-            activation, sigmoid, softmax, include_background, to_onehot_y, reduction, "BlobDiceCELoss"
-        )
-        if activation == "softmax":
+        super().__init__(
+            alpha, beta, activation, masking, smooth_nr, smooth_dr, max_label, spatial_dims,
+            sigmoid, softmax, include_background, to_onehot_y, reduction,
+        )  # fmt: skip
+        if self.activation == "softmax":
             raise ValueError(
                 "BlobDiceCELoss: softmax is not supported: blob Dice+CE takes one binary cross-entropy per "
                 "channel and per instance (sigmoid or none); use BlobDiceLoss(softmax=True), or one sigmoid "
@@ -558,34 +549,17 @@ class BlobDiceCELoss(nn.Module):
             raise ValueError(
                 f"BlobDiceCELoss: lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}"
             )
-        self.include_background = bool(include_background)
-        _check_options(activation, masking, spatial_dims, type(self).__name__)
-        self.alpha, self.beta = float(alpha), float(beta)
         self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
-        self.activation, self.masking = activation, masking
         self.squared_pred = bool(squared_pred)
-        self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
-        self.max_label = max_label
-        self.spatial_dims = spatial_dims
-        _max_label_arg(max_label)
 
     def forward(self, input: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
-        if not self.include_background:
-            input, instances = _without_background(input, instances, "BlobDiceCELoss")
-        return blob_dice_ce(
+        return self._loss(
+            blob_dice_ce,
             input,
             instances,
-            self.alpha,
-            self.beta,
             lambda_dice=self.lambda_dice,
             lambda_ce=self.lambda_ce,
-            activation=self.activation,
-            masking=self.masking,
             squared_pred=self.squared_pred,
-            smooth_nr=self.smooth_nr,
-            smooth_dr=self.smooth_dr,
-            max_label=self.max_label,
-            spatial_dims=self.spatial_dims,
         )
 
     def extra_repr(self) -> str:

@@ -260,9 +260,9 @@ def blob_dice_ce(
     Returns:
         A 0-dim tensor (float32 for float16/bfloat16 input, else ``input``'s dtype).
 
-    On CUDA this release runs the Dice kernels with the cross-entropy added by PyTorch ops and
-    finalised on the host (one device-to-host sync per call, besides the label range's without
-    ``max_label``); the CPU kernels are fused. With ``activation="none"`` values outside [0, 1]
+    On CUDA this release runs the Dice kernels with the cross-entropy added by PyTorch ops (more
+    launches than Dice; with ``max_label`` still no device-to-host sync); the CPU kernels are
+    fused. With ``activation="none"`` values outside [0, 1]
     raise on the CPU and give NaN on CUDA (the cross-entropy's domain).
 
     Example:

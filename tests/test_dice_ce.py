@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import devices
+from conftest import HAVE_CUDA, devices
 from helpers import loss_and_grad, random_case, random_instances, rel_err, with_spatial_dims
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -371,3 +371,23 @@ def test_double_backward_raises():
     (g,) = torch.autograd.grad(blobbench.blob_dice_ce(x, inst), x, create_graph=True)
     with pytest.raises(RuntimeError, match="blob.dice_ce: double backward is not supported"):
         g.sum().backward()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device and a CUDA build of blobbench")
+@pytest.mark.parametrize("masking", ["paper", "official"])
+def test_cuda_max_label_means_no_host_sync(masking):
+    # The CUDA composite finalises on the device (ATen ops on the tables): no sync with max_label.
+    rng = np.random.default_rng(1)
+    instances = random_instances(rng, (2, 2, 8, 32, 32), 12, empty_prob=0.0).cuda()
+    x = torch.randn(instances.shape, generator=torch.Generator().manual_seed(1)).cuda().requires_grad_(True)
+    max_label = int(instances.max())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = blobbench.blob_dice_ce(x, instances, masking=masking, max_label=max_label)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = loss_and_grad(naive_blob_dice_ce, x.detach().double().cpu(), instances.cpu(), masking=masking)
+    assert rel_err(loss, want[0]) <= 1e-4 and rel_err(x.grad, want[1]) <= 1e-4

@@ -8,7 +8,7 @@ kernel launches, summed kernel time, the names of the kernels, and the wall time
 around the calls (synchronised). The issue's targets: at most 4 launches per forward + backward
 and <= 150 us wall per call at the MS and SHANEL paper batches. At those two batches it also
 profiles blob Dice+CE (``blob_dice_ce`` with ``max_label``; on CUDA a composite of the Dice
-kernels and PyTorch ops with one host sync) against MONAI DiceCELoss (issue 13).
+kernels and PyTorch ops) against MONAI DiceCELoss (issue 13).
 
     python benchmarks/gpu/profile_calls.py --out profile_calls.json
 """

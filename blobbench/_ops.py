@@ -137,7 +137,10 @@ def _loss_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _check_dice_ce(activation, lambda_dice, lambda_ce, op):
+def _check_dice_ce(activation, masking, lambda_dice, lambda_ce, op):
+    """The options of blob.dice_ce, in the C++ order: activation, masking, then Dice+CE's own."""
+    _check_activation(activation, op)
+    _check_masking(activation, masking, op)
     if activation == "softmax":
         raise ValueError(
             f'{op}: activation="softmax" is not supported: blob Dice+CE takes one binary '
@@ -195,9 +198,7 @@ def _dice_ce_forward_fake(
     smooth_dr,
     max_label,
 ):
-    _check_activation(activation, "blob.dice_ce")
-    _check_masking(activation, masking, "blob.dice_ce")
-    _check_dice_ce(activation, lambda_dice, lambda_ce, "blob.dice_ce")
+    _check_dice_ce(activation, masking, lambda_dice, lambda_ce, "blob.dice_ce")
     return _forward_fake("blob.dice_ce", input, instances, activation, masking, max_label, _NUM_COEF_CE)
 
 
@@ -217,9 +218,7 @@ def _dice_ce_fake(
     smooth_dr=1e-5,
     max_label=-1,
 ):
-    _check_activation(activation, "blob.dice_ce")
-    _check_masking(activation, masking, "blob.dice_ce")
-    _check_dice_ce(activation, lambda_dice, lambda_ce, "blob.dice_ce")
+    _check_dice_ce(activation, masking, lambda_dice, lambda_ce, "blob.dice_ce")
     _check_inputs(input, instances, activation, masking, max_label, "blob.dice_ce")
     return input.new_empty((), dtype=_loss_dtype(input.dtype))
 

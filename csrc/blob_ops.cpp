@@ -314,17 +314,20 @@ namespace {
 
 // The one pass shared by the losses and label_stats: checks, label range, per-label sums.
 struct Accumulated {
-  at::Tensor stats;      // (B, C, K, 3) float64
-  at::Tensor invalid;    // int32 scalar on the device (CUDA): an id outside [0, max_label] met
-  at::Tensor label_ids;  // compacted ids (B, C, K), or (B, C, 0)
+  at::Tensor stats;    // (B, C, K, 3 or 5) float64
+  at::Tensor invalid;  // int32 scalar on the device (CUDA): an id outside [0, max_label] met
+  LabelRange range;    // what the kernels read, the bound, the compacted ids (label_ids)
 };
 
+// `range_prm`: the op whose table sizes decide the label range (dense_for_bound); the composite
+// Dice+CE accumulates Dice sums (prm) under Dice+CE's range.
 Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& input,
                              const at::Tensor& instances, const LossParams& prm, int64_t max_label,
-                             const char* op) {
+                             const char* op, const LossParams* range_prm = nullptr) {
   check_inputs(input, instances, prm.activation, max_label, op);
+  const LossParams& rp = range_prm != nullptr ? *range_prm : prm;
   LabelRange range =
-      resolve_labels(instances, prm.activation, max_label, num_stats(prm) + num_coef(prm), op);
+      resolve_labels(instances, prm.activation, max_label, num_stats(rp) + num_coef(rp), op);
   Accumulated a;
   a.stats = at::empty({input.size(0), input.size(1), range.K, num_stats(prm)},
                       input.options().dtype(at::kDouble));
@@ -333,7 +336,7 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
                                      range.bound, a.stats, a.invalid, op);
   TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
                     num(range.bound - 1), "), or a negative id");
-  a.label_ids = range.label_ids;
+  a.range = range;
   return a;
 }
 
@@ -395,19 +398,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward_composite(
     const LossParams& prm, int64_t max_label, const char* op) {
   LossParams dice = prm;
   dice.with_ce = false;
-  check_inputs(input, instances, prm.activation, max_label, op);
-  // The label range of the Dice+CE op (its tables are wider), then the device's Dice pass.
-  LabelRange range =
-      resolve_labels(instances, prm.activation, max_label, num_stats(prm) + num_coef(prm), op);
+  // The device's Dice pass, under the label range of the Dice+CE op (its tables are wider).
+  Accumulated a = accumulate_stats(kernels, input, instances, dice, max_label, op, &prm);
+  const LabelRange& range = a.range;
+  const at::Tensor& stats3 = a.stats;
+  const at::Tensor& invalid = a.invalid;
   const int64_t B = input.size(0), C = input.size(1), K = range.K;
-  at::Tensor stats3 = at::empty({B, C, K, kNumStats}, input.options().dtype(at::kDouble));
-  at::Tensor invalid;
-  if (kernels.uses_invalid_flag) invalid = at::zeros({}, input.options().dtype(at::kInt));
   at::Tensor labels = as_planes(range.labels);
-  const bool ok =
-      kernels.accumulate(as_planes(input), labels, dice, K, range.bound, stats3, invalid, op);
-  TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
-                    num(range.bound - 1), "), or a negative id");
   // The per-label BCE sums, by the same device's accumulate kernel run on each voxel's BCE as a
   // "probability" (activation none): its sum column is the BCE sum, in the kernel's fixed,
   // deterministic order (an index_add would use atomics on CUDA).
@@ -494,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const DeviceKernels&
   auto coef = at::empty({input.size(0), input.size(1), a.stats.size(2), num_coef(prm)},
                         input.options().dtype(at::kDouble));
   kernels.finalize(a.stats, a.invalid, prm, loss, coef, op);
-  return {loss, coef, a.label_ids};
+  return {loss, coef, a.range.label_ids};
 }
 
 // Validates every argument of a backward op (they can be called directly, e.g. by opcheck).
@@ -679,7 +676,7 @@ std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at:
   if (a.invalid.defined()) {
     a.stats.masked_fill_(a.invalid.ne(0), std::numeric_limits<double>::quiet_NaN());
   }
-  return {a.stats, a.label_ids};
+  return {a.stats, a.range.label_ids};
 }
 
 TORCH_LIBRARY(blob, m) {

@@ -78,6 +78,62 @@ const c10::TypedOperatorHandle<DiceBackwardSig>& dice_ce_backward_op() {
               "blobbench.naive_blob_loss or blobbench.vectorized_blob_loss instead.");
 }
 
+// What the backward of blob::dice and blob::dice_ce needs from their forward (the private forward
+// op's outputs: loss, coefficient table, compacted ids); returns the loss.
+variable_list dice_like_save(AutogradContext* ctx, const Variable& input, const Variable& instances,
+                             const ForwardOut& out, c10::string_view activation,
+                             bool squared_pred) {
+  ctx->save_for_backward({input, instances, std::get<1>(out), std::get<2>(out)});
+  ctx->saved_data["activation"] = std::string(activation);
+  ctx->saved_data["squared_pred"] = squared_pred;
+  return {std::get<0>(out)};
+}
+
+// The backward of blob::dice and blob::dice_ce: one call of their backward op with what the
+// forward saved. Through the backward op's Autograd kernel only when a graph of the backward is
+// being recorded (create_graph=True), so that a double backward raises; else straight below it.
+// Returns the gradient of the input and none for the op's other n_args - 1 arguments.
+variable_list dice_like_backward(AutogradContext* ctx, const variable_list& grad,
+                                 const c10::TypedOperatorHandle<DiceBackwardSig>& op,
+                                 size_t n_args) {
+  const auto saved = ctx->get_saved_variables();
+  c10::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  if (!at::GradMode::is_enabled()) below_autograd.emplace();
+  variable_list out(n_args);
+  out[0] = op.call(grad[0], saved[0], saved[1], saved[2], saved[3],
+                   ctx->saved_data["activation"].toStringRef(),
+                   ctx->saved_data["squared_pred"].toBool());
+  return out;
+}
+
+// The Autograd kernel of the backward ops _dice_backward and _dice_ce_backward: their own
+// backward raises (no double backward).
+using DiceBackwardOpGetter = const c10::TypedOperatorHandle<DiceBackwardSig>& (*)();
+template <DiceBackwardOpGetter Op, const char* Name>
+class DiceBackwardOpFunction : public torch::autograd::Function<DiceBackwardOpFunction<Op, Name>> {
+ public:
+  static variable_list forward(AutogradContext* /*ctx*/, const Variable& grad,
+                               const Variable& input, const Variable& instances,
+                               const Variable& coef, const Variable& label_ids,
+                               c10::string_view activation, bool squared_pred) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return {Op().call(grad, input, instances, coef, label_ids, activation, squared_pred)};
+  }
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad*/) {
+    no_double_backward(Name);
+  }
+  static at::Tensor apply_op(const at::Tensor& grad, const at::Tensor& input,
+                             const at::Tensor& instances, const at::Tensor& coef,
+                             const at::Tensor& label_ids, c10::string_view activation,
+                             bool squared_pred) {
+    return DiceBackwardOpFunction::apply(grad, input, instances, coef, label_ids, activation,
+                                         squared_pred)[0];
+  }
+};
+
+constexpr char kDiceName[] = "blob.dice";
+constexpr char kDiceCEName[] = "blob.dice_ce";
+
 // ---- blob::dice ------------------------------------------------------------------------------
 
 class DiceFunction : public torch::autograd::Function<DiceFunction> {
@@ -90,38 +146,11 @@ class DiceFunction : public torch::autograd::Function<DiceFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto out = dice_forward_op().call(input, instances, alpha, beta, activation, masking,
                                       squared_pred, smooth_nr, smooth_dr, max_label);
-    ctx->save_for_backward({input, instances, std::get<1>(out), std::get<2>(out)});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["squared_pred"] = squared_pred;
-    return {std::get<0>(out)};
+    return dice_like_save(ctx, input, instances, out, activation, squared_pred);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    const auto saved = ctx->get_saved_variables();
-    // Through the backward op's Autograd kernel only when a graph of the backward is being
-    // recorded (create_graph=True), so that a double backward raises; else straight below it.
-    c10::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
-    const auto grad_input = dice_backward_op().call(grad[0], saved[0], saved[1], saved[2], saved[3],
-                                                    ctx->saved_data["activation"].toStringRef(),
-                                                    ctx->saved_data["squared_pred"].toBool());
-    return {grad_input, Variable(), Variable(), Variable(), Variable(),
-            Variable(), Variable(), Variable(), Variable(), Variable()};
-  }
-};
-
-class DiceBackwardFunction : public torch::autograd::Function<DiceBackwardFunction> {
- public:
-  static variable_list forward(AutogradContext* /*ctx*/, const Variable& grad,
-                               const Variable& input, const Variable& instances,
-                               const Variable& coef, const Variable& label_ids,
-                               c10::string_view activation, bool squared_pred) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return {
-        dice_backward_op().call(grad, input, instances, coef, label_ids, activation, squared_pred)};
-  }
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad*/) {
-    no_double_backward("blob.dice");
+    return dice_like_backward(ctx, grad, dice_backward_op(), 10);
   }
 };
 
@@ -130,14 +159,6 @@ at::Tensor dice_autograd(const at::Tensor& input, const at::Tensor& instances, d
                          bool squared_pred, double smooth_nr, double smooth_dr, int64_t max_label) {
   return DiceFunction::apply(input, instances, alpha, beta, activation, masking, squared_pred,
                              smooth_nr, smooth_dr, max_label)[0];
-}
-
-at::Tensor dice_backward_autograd(const at::Tensor& grad, const at::Tensor& input,
-                                  const at::Tensor& instances, const at::Tensor& coef,
-                                  const at::Tensor& label_ids, c10::string_view activation,
-                                  bool squared_pred) {
-  return DiceBackwardFunction::apply(grad, input, instances, coef, label_ids, activation,
-                                     squared_pred)[0];
 }
 
 // ---- blob::tversky ---------------------------------------------------------------------------
@@ -210,36 +231,11 @@ class DiceCEFunction : public torch::autograd::Function<DiceCEFunction> {
     auto out =
         dice_ce_forward_op().call(input, instances, alpha, beta, lambda_dice, lambda_ce, activation,
                                   masking, squared_pred, smooth_nr, smooth_dr, max_label);
-    ctx->save_for_backward({input, instances, std::get<1>(out), std::get<2>(out)});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["squared_pred"] = squared_pred;
-    return {std::get<0>(out)};
+    return dice_like_save(ctx, input, instances, out, activation, squared_pred);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    const auto saved = ctx->get_saved_variables();
-    c10::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
-    const auto grad_input = dice_ce_backward_op().call(
-        grad[0], saved[0], saved[1], saved[2], saved[3],
-        ctx->saved_data["activation"].toStringRef(), ctx->saved_data["squared_pred"].toBool());
-    return {grad_input, Variable(), Variable(), Variable(), Variable(), Variable(),
-            Variable(), Variable(), Variable(), Variable(), Variable(), Variable()};
-  }
-};
-
-class DiceCEBackwardFunction : public torch::autograd::Function<DiceCEBackwardFunction> {
- public:
-  static variable_list forward(AutogradContext* /*ctx*/, const Variable& grad,
-                               const Variable& input, const Variable& instances,
-                               const Variable& coef, const Variable& label_ids,
-                               c10::string_view activation, bool squared_pred) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return {dice_ce_backward_op().call(grad, input, instances, coef, label_ids, activation,
-                                       squared_pred)};
-  }
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad*/) {
-    no_double_backward("blob.dice_ce");
+    return dice_like_backward(ctx, grad, dice_ce_backward_op(), 12);
   }
 };
 
@@ -252,23 +248,15 @@ at::Tensor dice_ce_autograd(const at::Tensor& input, const at::Tensor& instances
                                masking, squared_pred, smooth_nr, smooth_dr, max_label)[0];
 }
 
-at::Tensor dice_ce_backward_autograd(const at::Tensor& grad, const at::Tensor& input,
-                                     const at::Tensor& instances, const at::Tensor& coef,
-                                     const at::Tensor& label_ids, c10::string_view activation,
-                                     bool squared_pred) {
-  return DiceCEBackwardFunction::apply(grad, input, instances, coef, label_ids, activation,
-                                       squared_pred)[0];
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(blob, Autograd, m) {
   m.impl("dice", &dice_autograd);
   m.impl("tversky", &tversky_autograd);
-  m.impl("_dice_backward", &dice_backward_autograd);
+  m.impl("_dice_backward", &DiceBackwardOpFunction<&dice_backward_op, kDiceName>::apply_op);
   m.impl("_tversky_backward", &tversky_backward_autograd);
   m.impl("dice_ce", &dice_ce_autograd);
-  m.impl("_dice_ce_backward", &dice_ce_backward_autograd);
+  m.impl("_dice_ce_backward", &DiceBackwardOpFunction<&dice_ce_backward_op, kDiceCEName>::apply_op);
 }
 
 }  // namespace blob

@@ -171,61 +171,11 @@ template <typename label_t, typename acc_t>
 inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int64_t K, bool squared,
                              double* row, int64_t ns = kNumStats, const acc_t* eg = nullptr,
                              const acc_t* eb = nullptr) {
-  if (eg != nullptr && block_is_uniform(lab, m)) {
-    const int64_t k = static_cast<int64_t>(lab[0]);
-    if (out_of_range(k, K)) return false;
-    acc_t s = 0, q = 0, sg = 0, sb = 0;
-#pragma omp simd reduction(+ : s, q, sg, sb)
-    for (int64_t j = 0; j < m; ++j) {
-      s += p[j];
-      q += p[j] * p[j];
-      sg += eg[j];
-      sb += eb[j];
-    }
-    double* e = row + k * ns;
-    e[0] += static_cast<double>(s);
-    e[1] += static_cast<double>(squared ? q : s);
-    e[2] += double(m);
-    e[3] += static_cast<double>(sg);
-    e[4] += static_cast<double>(sb);
-    return true;
-  }
-  if (eg != nullptr) {
-    // Dice+CE, mixed block: run aggregation over five sums, in double.
-    int64_t cur = static_cast<int64_t>(lab[0]);
-    double s = 0.0, q = 0.0, n = 0.0, sg = 0.0, sb = 0.0;
-    bool ok = true;
-    for (int64_t j = 0; j <= m; ++j) {
-      const int64_t k = j < m ? static_cast<int64_t>(lab[j]) : -1;
-      if (j == m || k != cur) {
-        if (out_of_range(cur, K)) {
-          ok = false;
-        } else {
-          double* e = row + cur * ns;
-          e[0] += s;
-          e[1] += squared ? q : s;
-          e[2] += n;
-          e[3] += sg;
-          e[4] += sb;
-        }
-        if (j == m) break;
-        cur = k;
-        s = q = n = sg = sb = 0.0;
-      }
-      const double v = p[j];
-      s += v;
-      q += v * v;
-      n += 1.0;
-      sg += static_cast<double>(eg[j]);
-      sb += static_cast<double>(eb[j]);
-    }
-    return ok;
-  }
   if (block_is_uniform(lab, m)) {
     const int64_t k = static_cast<int64_t>(lab[0]);
     if (out_of_range(k, K)) return false;
-    // In-block sums in acc_t (float for float inputs: at most 64 terms in [0, 1] each, in
-    // several SIMD partial sums), across blocks in double.
+    // In-block sums in acc_t (float for float inputs: at most 64 terms in several SIMD partial
+    // sums), across blocks in double.
     acc_t s = 0, q = 0;
     if (squared) {
 #pragma omp simd reduction(+ : s, q)
@@ -242,11 +192,22 @@ inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int6
     e[0] += static_cast<double>(s);
     e[1] += static_cast<double>(q);
     e[2] += double(m);
+    if (eg != nullptr) {
+      acc_t sg = 0, sb = 0;
+#pragma omp simd reduction(+ : sg, sb)
+      for (int64_t j = 0; j < m; ++j) {
+        sg += eg[j];
+        sb += eb[j];
+      }
+      e[3] += static_cast<double>(sg);
+      e[4] += static_cast<double>(sb);
+    }
     return true;
   }
-  // Mixed block: aggregate runs of equal labels, flush on change.
+  // Mixed block: aggregate runs of equal labels, flush on change (in double).
+  const bool ce = eg != nullptr;
   int64_t cur = static_cast<int64_t>(lab[0]);
-  double s = 0.0, q = 0.0, n = 0.0;
+  double s = 0.0, q = 0.0, n = 0.0, sg = 0.0, sb = 0.0;
   bool ok = true;
   for (int64_t j = 0; j <= m; ++j) {
     const int64_t k = j < m ? static_cast<int64_t>(lab[j]) : -1;
@@ -258,15 +219,23 @@ inline bool accumulate_block(const acc_t* p, const label_t* lab, int64_t m, int6
         e[0] += s;
         e[1] += squared ? q : s;
         e[2] += n;
+        if (ce) {
+          e[3] += sg;
+          e[4] += sb;
+        }
       }
       if (j == m) break;
       cur = k;
-      s = q = n = 0.0;
+      s = q = n = sg = sb = 0.0;
     }
     const double v = p[j];
     s += v;
     q += v * v;
     n += 1.0;
+    if (ce) {
+      sg += static_cast<double>(eg[j]);
+      sb += static_cast<double>(eb[j]);
+    }
   }
   return ok;
 }

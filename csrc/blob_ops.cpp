@@ -336,6 +336,12 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
                                      range.bound, a.stats, a.invalid, op);
   TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
                     num(range.bound - 1), "), or a negative id");
+  if (a.invalid.defined() && range.bound < range.K) {
+    // Softmax with max_label = 0: the table holds 2 labels (channel 0's derived background is
+    // label 1), and the CUDA kernels check ids against the table, so an id 1 of a channel >= 1
+    // would pass. Flag it on the device (no sync): NaN, as the CPU raises.
+    a.invalid.bitwise_or_(read_labels(range.labels, prm.activation).ge(range.bound).any());
+  }
   a.range = range;
   return a;
 }

@@ -124,3 +124,18 @@ def test_large_volume_matches_cpu():
         want = loss_and_grad(blob_dice, x.double().cpu(), instances.cpu(), masking=masking, squared_pred=True)
         got = loss_and_grad(blob_dice, x, instances, masking=masking, squared_pred=True)
         assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-4
+
+
+def test_softmax_id_above_max_label_0_gives_nan():
+    # softmax with max_label = 0 has a table of 2 labels (channel 0's derived background is
+    # label 1), but an id 1 in a channel >= 1 is still above max_label: NaN, as the CPU raises.
+    x = torch.randn(2, 3, 4, 6, 6, generator=torch.Generator().manual_seed(16))
+    inst = torch.zeros(x.shape, dtype=torch.int32)
+    inst[1, 2, 1, 1, 1] = 1
+    with pytest.raises(ValueError, match="max_label"):
+        blob_dice(x, inst, activation="softmax", max_label=0)
+    loss, grad = loss_and_grad(blob_dice, x.cuda(), inst.cuda(), activation="softmax", max_label=0)
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+    inst[1, 2, 1, 1, 1] = 0
+    loss, grad = loss_and_grad(blob_dice, x.cuda(), inst.cuda(), activation="softmax", max_label=0)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()

@@ -352,6 +352,54 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
   return !bad.load();
 }
 
+// One label's gradient coefficients: a, b of the Dice part; c, d of the BCE part (Dice+CE).
+template <typename T>
+struct VoxelCoef {
+  T a, b, c, d;
+};
+
+template <bool CE, typename T>
+inline VoxelCoef<T> coef_at(const double* e) {
+  return VoxelCoef<T>{T(e[0]), T(e[1]), CE ? T(e[2]) : T(0), CE ? T(e[3]) : T(0)};
+}
+
+// dL/dx of one sigmoid / none voxel: (a + b dpow(p)) act', and for Dice+CE
+// + d dBCE/dp act' + c (p - y), y = [l > 0].
+template <bool CE, typename T>
+inline T voxel_grad(T p, VoxelCoef<T> e, bool target, bool squared, int32_t activation) {
+  const T act = elementwise_act_grad(p, activation);
+  if (!CE) return grad_wrt_p(p, e.a, e.b, squared) * act;
+  return (grad_wrt_p(p, e.a, e.b, squared) + e.d * bce_prob_grad(p, target)) * act +
+         e.c * (p - (target ? T(1) : T(0)));
+}
+
+// The gradient (before grad_out) of m sigmoid / none voxels of one plane; row: the plane's
+// coefficient table, kNumCoef (CE: kNumCoefCE) per label. An id outside it clears ok and gives 0.
+template <bool CE, typename scalar_t, typename label_t, typename acc_t>
+inline void elementwise_backward_block(const scalar_t* x, const label_t* l, int64_t m,
+                                       const double* row, int64_t K, const LossParams& prm,
+                                       acc_t* p, acc_t* gp, bool& ok) {
+  constexpr int nc = CE ? kNumCoefCE : kNumCoef;
+  const bool squared = prm.squared_pred;
+  activate_block(x, m, prm.activation, p);
+  if (block_is_uniform(l, m) && !out_of_range(int64_t(l[0]), K)) {
+    const VoxelCoef<acc_t> e = coef_at<CE, acc_t>(row + int64_t(l[0]) * nc);
+    const bool t = l[0] != 0;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) gp[j] = voxel_grad<CE>(p[j], e, t, squared, prm.activation);
+    return;
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t k = int64_t(l[j]);
+    if (out_of_range(k, K)) {
+      ok = false;
+      gp[j] = 0;
+      continue;
+    }
+    gp[j] = voxel_grad<CE>(p[j], coef_at<CE, acc_t>(row + k * nc), k != 0, squared, prm.activation);
+  }
+}
+
 template <typename scalar_t, typename label_t>
 bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& labels,
                     const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input) {
@@ -374,62 +422,13 @@ bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
     for (int64_t u = begin; u < end;) {
       const int64_t rowi = u / V, v = u % V;
       const int64_t m = std::min({kBlock, V - v, end - u});
-      if (!softmax && prm.with_ce) {
-        // Dice+CE: grad = (a + b dpow(p)) act' + c (p - y) + d dBCE/dp act', y = [l > 0].
-        const double* row = cf + rowi * K * kNumCoefCE;
-        activate_block(x + u, m, prm.activation, p.data());
-        const label_t* l = lab + u;
-        if (block_is_uniform(l, m) && !out_of_range(int64_t(l[0]), K)) {
-          const double* e = row + int64_t(l[0]) * kNumCoefCE;
-          const acc_t a = acc_t(e[0]), b = acc_t(e[1]), c = acc_t(e[2]), d = acc_t(e[3]);
-          const acc_t y = l[0] != 0 ? acc_t(1) : acc_t(0);
-          const bool t = l[0] != 0;
-#pragma omp simd
-          for (int64_t j = 0; j < m; ++j) {
-            const acc_t pj = p[j], act = elementwise_act_grad(pj, prm.activation);
-            gp[j] = (grad_wrt_p(pj, a, b, squared) + d * bce_prob_grad(pj, t)) * act + c * (pj - y);
-          }
+      if (!softmax) {
+        if (prm.with_ce) {
+          elementwise_backward_block<true>(x + u, lab + u, m, cf + rowi * K * kNumCoefCE, K, prm,
+                                           p.data(), gp.data(), ok);
         } else {
-          for (int64_t j = 0; j < m; ++j) {
-            const int64_t k = int64_t(l[j]);
-            if (out_of_range(k, K)) {
-              ok = false;
-              gp[j] = 0;
-              continue;
-            }
-            const double* e = row + k * kNumCoefCE;
-            const bool t = k != 0;
-            const acc_t pj = p[j], act = elementwise_act_grad(pj, prm.activation);
-            gp[j] = (grad_wrt_p(pj, acc_t(e[0]), acc_t(e[1]), squared) +
-                     acc_t(e[3]) * bce_prob_grad(pj, t)) *
-                        act +
-                    acc_t(e[2]) * (pj - (t ? acc_t(1) : acc_t(0)));
-          }
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) gx[u + j] = static_cast<scalar_t>(go * gp[j]);
-      } else if (!softmax) {
-        const double* row = cf + rowi * K * kNumCoef;
-        activate_block(x + u, m, prm.activation, p.data());
-        const label_t* l = lab + u;
-        if (block_is_uniform(l, m) && !out_of_range(int64_t(l[0]), K)) {
-          const acc_t a = static_cast<acc_t>(row[int64_t(l[0]) * kNumCoef]);
-          const acc_t b = static_cast<acc_t>(row[int64_t(l[0]) * kNumCoef + 1]);
-#pragma omp simd
-          for (int64_t j = 0; j < m; ++j)
-            gp[j] = grad_wrt_p(p[j], a, b, squared) * elementwise_act_grad(p[j], prm.activation);
-        } else {
-          for (int64_t j = 0; j < m; ++j) {
-            const int64_t k = int64_t(l[j]);
-            if (out_of_range(k, K)) {
-              ok = false;
-              gp[j] = 0;
-              continue;
-            }
-            gp[j] =
-                grad_wrt_p(p[j], acc_t(row[k * kNumCoef]), acc_t(row[k * kNumCoef + 1]), squared) *
-                elementwise_act_grad(p[j], prm.activation);
-          }
+          elementwise_backward_block<false>(x + u, lab + u, m, cf + rowi * K * kNumCoef, K, prm,
+                                            p.data(), gp.data(), ok);
         }
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) gx[u + j] = static_cast<scalar_t>(go * gp[j]);

@@ -346,6 +346,49 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   return a;
 }
 
+// ---- opt-in CUDA paths ------------------------------------------------------------------------
+
+const char* const kCudaPathNames[] = {
+    "vector_loads",       // accumulate with 16-byte loads, prefetch and exact integer counts
+    "coop_forward",       // the whole forward in one cooperative launch (two-launch fallback)
+    "split_forward",      // forces the two-launch fallback of coop_forward (accumulate, then finish)
+    "fused_dice_ce",      // blob Dice+CE in the accumulate/backward kernels (default: composite)
+    "softmax_inf",        // online softmax that accepts -inf logits (default: NaN for a -inf)
+    "parallel_finalize",  // finalisation parallel over labels (default: one block per plane)
+};
+const int kNumCudaPaths = int(sizeof(kCudaPathNames) / sizeof(kCudaPathNames[0]));
+
+bool cuda_path_enabled(const std::string& name) {
+  bool known = false;
+  for (int i = 0; i < kNumCudaPaths; ++i) known = known || name == kCudaPathNames[i];
+  TORCH_INTERNAL_ASSERT(known, "cuda_path_enabled: unknown path ", name);
+  const char* env = std::getenv("BLOBBENCH_CUDA_PATHS");
+  if (env == nullptr || *env == '\0') return false;
+  bool on = false;
+  const std::string list(env);
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    std::string token = list.substr(start, end - start);
+    token.erase(0, token.find_first_not_of(" \t"));
+    token.erase(token.find_last_not_of(" \t") + 1);
+    if (!token.empty()) {
+      bool valid = token == "all";
+      for (int i = 0; i < kNumCudaPaths; ++i) valid = valid || token == kCudaPathNames[i];
+      if (!valid) {
+        std::string names = "all";
+        for (int i = 0; i < kNumCudaPaths; ++i) names += std::string(", ") + kCudaPathNames[i];
+        TORCH_CHECK_VALUE(false, "BLOBBENCH_CUDA_PATHS: unknown CUDA path '", token,
+                          "'; expected a comma-separated list of: ", names);
+      }
+      on = on || token == "all" || token == name;
+    }
+    start = end + 1;
+  }
+  return on;
+}
+
 // ---- Dice+CE on devices without fused CE kernels ---------------------------------------------
 // (CUDA for now: its kernels compute the Dice sums and the Dice gradient only.) The Dice part
 // runs the device's kernels; each voxel's BCE and the BCE part of the gradient are elementwise
@@ -686,6 +729,16 @@ std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at:
 }
 
 TORCH_LIBRARY(blob, m) {
+  // Whether an opt-in CUDA path is switched on by BLOBBENCH_CUDA_PATHS (host side, any device).
+  m.def("_cuda_path_enabled(str name) -> bool", [](std::string name) {
+    bool known = false;
+    for (int i = 0; i < kNumCudaPaths; ++i) known = known || name == kCudaPathNames[i];
+    std::string names;
+    for (int i = 0; i < kNumCudaPaths; ++i) names += std::string(i ? ", " : "") + kCudaPathNames[i];
+    TORCH_CHECK_VALUE(known, "blob._cuda_path_enabled: `name` must be one of ", names, ", got '",
+                      name, "'");
+    return cuda_path_enabled(name);
+  });
   // Public operators.
   m.def(
       "dice(Tensor input, Tensor instances, float alpha=2.0, float beta=1.0, *, "

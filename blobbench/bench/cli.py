@@ -296,6 +296,17 @@ def run_bench(args) -> dict:
                 tasks.append(("check", c, None, None))
             tasks += [("measure", c, impl, dev) for impl in impls for dev in args.devices]
         measurements, checks = [], {}
+        done = []
+
+        def partial():  # result.json while the run goes on, so a run that is stopped keeps what it measured
+            done.append(1)
+            return {"run": {"id": out.name, "revision": revision, "load_before": load_before, "cpus": os.cpu_count(),
+                            "command": "blobbench " + " ".join(getattr(args, "argv", []))},
+                    "machine": machine, "settings": {k: v for k, v in vars(args).items()
+                                                     if k not in ("out", "argv", "label_volumes")},
+                    "cases": [c.to_json() for c in cases], "checks": checks, "measurements": measurements,
+                    "host_proxy": None, "elapsed_s": time.perf_counter() - t_start,
+                    "partial": {"done": len(done), "of": len(tasks)}}
         with tqdm(tasks, desc="measuring", unit="run", file=sys.stderr) as bar:
             for what, c, impl, dev in bar:
                 bar.set_postfix_str(f"{c.name} {impl or 'check'} {dev or ''}".strip())
@@ -303,6 +314,7 @@ def run_bench(args) -> dict:
                     checks[c.name] = runner.check(c, args.devices, losses)
                 else:
                     measurements.append(runner.measure(c, impl, dev))
+                save_partial(partial(), out)
         by_name = {c.name: c for c in cases}
 
         def again(m, reasons):
@@ -331,6 +343,8 @@ def run_bench(args) -> dict:
         "elapsed_s": time.perf_counter() - t_start,
     }
     result["ratios"] = all_ratios(result)
+    if os.path.exists(os.path.join(out, "result.json")):
+        os.remove(os.path.join(out, "result.json"))  # the partial one: write_run writes the whole run
     written = write_run(result, out, plots=not args.no_plots)
     latest = update_latest(args.out, out)
     print(f"wrote {', '.join(written)} in {result['elapsed_s']:.0f} s; {latest} -> {out.name}")
@@ -340,6 +354,14 @@ def run_bench(args) -> dict:
               "memory)")
     result["out"] = str(out)
     return result
+
+
+def save_partial(result: dict, out) -> None:
+    """``out/result.json`` of a run still going (with ``"partial": {"done", "of"}``), replaced atomically."""
+    path = os.path.join(str(out), "result.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def write_run(result: dict, out, plots: bool = True, echo: bool = True) -> list[str]:

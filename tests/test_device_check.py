@@ -175,3 +175,14 @@ def test_command_writes_its_result_as_it_goes(tmp_path, monkeypatch):
     stopped = json.loads((tmp_path / "runs" / "s" / "result.json").read_text())
     assert stopped["partial"] == {"done": 2, "of": 3}
     assert [m["impl"] for m in stopped["measurements"]] == ["fused", "monai_dice"]
+
+
+def test_summary_judges_the_gpu_targets():
+    rows = [{"case": "ms", "loss": "blob_dice", "path": "default", "kernel_us": 80.0, "wall_us": 120.0,
+             "wall_over_monai_dice": 0.3, "launches": 5.0},
+            {"case": "plane_256x512x512_2000", "loss": "blob_dice", "path": "all", "kernel_us": 800.0,
+             "wall_us": 900.0, "acc_frac_copy": 0.75, "launches": 3.0},
+            {"case": "ms", "loss": "blob_dice", "path": "default", "kernel_us": None, "wall_us": 9.0}]  # CPU
+    got = {(r[1], r[2]): r[4] for r in summarize.target_rows({"rows": rows})}
+    assert got == {("default", "wall <= 150 us"): "yes", ("default", "<= 0.2x MONAI DiceLoss"): "NO",
+                   ("default", "<= 4 launches"): "NO", ("all", "accumulate >= 0.7 of copy bw"): "yes"}

@@ -54,9 +54,10 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # the scripts under benchmar
 : > "$LOGS/steps.tsv"
 T_START=$(date +%s)
 
-# Timeouts (s). The real run's critical path: env 20 + build 170 (wheels 60 beside it) + the
-# parallel phase 85 + profile 60 + command 60 = 395 s, under the 420 s of one call; expected ~280 s.
-T_ENV=20 T_WHEELS=60 T_BUILD=170 T_PARALLEL=85 T_PROFILE=60 T_COMMAND=60
+# Timeouts (s). The real run's critical path: env 15 + build 170 (wheels 60 beside it) + the
+# parallel phase 80 + profile 55 + command 60 = 380 s (405 s if every step also needs its 5 s
+# kill-after, plus at most 20 s for the summary), under the 420 s of one call; expected ~270 s.
+T_ENV=15 T_WHEELS=60 T_BUILD=170 T_PARALLEL=80 T_PROFILE=55 T_COMMAND=60
 # The dry run has no call limit to keep, and a shared CI machine can be slow: its timeouts are 3x.
 SCALE=${DEVICE_CHECK_TIMEOUT_SCALE:-$([ "$DRY" = 1 ] && echo 3 || echo 1)}
 
@@ -82,7 +83,7 @@ step() {  # step NAME TIMEOUT CMD...: run CMD under timeout, its output in LOGS/
     echo "forced failure (DEVICE_CHECK_FAIL=$FAIL)" > "$LOGS/$name.log"
     rc=97
   else
-    timeout -k 10 "$t" "$@" > "$LOGS/$name.log" 2>&1
+    timeout -k 5 "$t" "$@" > "$LOGS/$name.log" 2>&1
     rc=$?
   fi
   dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
@@ -110,7 +111,7 @@ finish() {
   if awk -F'\t' '$2 != "0" { bad = 1 } END { exit bad ? 0 : 1 }' "$LOGS/steps.tsv"; then status=1; fi
   [ $rc -ne 0 ] && status=1
   [ -s "$LOGS/steps.tsv" ] || status=1
-  if ! timeout 60 "$PY" benchmarks/gpu/summarize.py "$LOGS" --status "$status" > "$OUT/summary.md" \
+  if ! timeout 20 "$PY" benchmarks/gpu/summarize.py "$LOGS" --status "$status" > "$OUT/summary.md" \
       2> "$LOGS/summarize.err"; then
     status=1
     { echo "# blobbench GPU check: FAILED (summarize.py failed: see summarize.err in the archive)"
@@ -123,8 +124,8 @@ finish() {
       > "$f.cut" && mv "$f.cut" "$f"
   done
   tar -czf "$OUT/device_check.tar.gz" -C "$WORK" device_check || status=1
+  echo; cat "$OUT/summary.md"; echo
   say "done in ${elapsed} s: status $status; $OUT/summary.md, $OUT/device_check.tar.gz"
-  grep -E '^(# |status|\| (tests|memcheck|racecheck|initcheck))' "$OUT/summary.md" | head -20
   rm -rf "$WORK"
   exit $status
 }

@@ -119,6 +119,26 @@ def sanitizer(logs):
     return per, summaries
 
 
+def target_rows(prof):
+    """The issue's GPU targets per forward path: at the MS and SHANEL batches <= 150 us wall,
+    <= 0.2x MONAI DiceLoss, <= 4 launches; the accumulate at >= 70 % of the copy's bandwidth on the
+    large plane. Only on CUDA (kernel times present)."""
+    out = []
+    for r in prof.get("rows", []):
+        if r.get("loss") != "blob_dice" or r.get("kernel_us") is None:
+            continue
+        checks = []
+        if r["case"] in ("ms", "shanel"):
+            checks += [("wall <= 150 us", r.get("wall_us"), lambda v: v <= 150, 1),
+                       ("<= 0.2x MONAI DiceLoss", r.get("wall_over_monai_dice"), lambda v: v <= 0.2, 2),
+                       ("<= 4 launches", r.get("launches"), lambda v: v <= 4, 1)]
+        elif r["case"].startswith("plane"):
+            checks += [("accumulate >= 0.7 of copy bw", r.get("acc_frac_copy"), lambda v: v >= 0.7, 2)]
+        for what, v, ok, nd in checks:
+            out.append([r["case"], r["path"], what, _fmt(v, nd), "-" if v is None else ("yes" if ok(v) else "NO")])
+    return out
+
+
 def table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -232,6 +252,21 @@ def main(argv=None):
                  "floor/kernel", "floor/wall", "wall / MONAI"], prs))
         p()
         p("wall / MONAI: blob Dice over MONAI DiceLoss, blob Dice+CE over MONAI DiceCELoss.")
+        acc = {}
+        for r in prof.get("rows", []):
+            if r.get("accumulate_kernel"):
+                acc.setdefault(r["path"], set()).add(r["accumulate_kernel"])
+        if acc:
+            p()
+            p("Accumulate kernel (the longest kernel of a forward) per path:")
+            for path, names in acc.items():
+                p(f"- {path}: " + "; ".join(f"`{n}`" for n in sorted(names)))
+        targets = target_rows(prof)
+        if targets:
+            p()
+            p("Targets of issue 10 (blob Dice fwd+bwd with max_label):")
+            p()
+            p(table(["case", "path", "target", "measured", "met"], targets))
     p()
 
     p("## Benchmark command")

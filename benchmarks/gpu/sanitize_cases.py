@@ -85,10 +85,9 @@ def cases():
             ("dice_ce 1d", dice_ce, (logits(s1), ids(s1, 9)), {"max_label": 9, "spatial_dims": 1}, "finite"),
             ("dice one voxel", dice, (logits((1, 1, 1, 1, 1)), torch.ones((1, 1, 1, 1, 1), dtype=torch.int32)),
              {}, "finite")]
-    n = math.prod(SHAPE)
-    out += [("dice misaligned", dice, (logits((n + 1,))[1:].view(SHAPE), lab), {"max_label": 6}, "finite"),
-            ("dice_ce misaligned", dice_ce, (logits((n + 1,))[1:].view(SHAPE), ids((n + 1,), 6)[1:].view(SHAPE)),
-             {}, "finite")]
+    out += [("dice misaligned", dice, (x, lab), {"max_label": 6, "_offset": 1}, "finite"),
+            ("dice_ce misaligned", dice_ce, (x, lab), {"_offset": 1}, "finite"),
+            ("dice softmax misaligned", dice, (x3, lab3), {"activation": "softmax", "_offset": 3}, "finite")]
     # label ranges: sparse large ids (per-plane compaction), a generous max_label, beyond shared memory
     sparse = ids(SHAPE, 2**40, frac=0.2, dtype=torch.int64, seed=3, lo=2**39)
     big = ids(SHAPE, 9000, frac=0.5, seed=4)
@@ -131,8 +130,21 @@ def stats_cases(device):
     return st.dice.float().nansum()
 
 
+def _at_offset(t, device, offset):
+    """``t`` on ``device`` in a buffer ``offset`` elements past its start (not 16-byte aligned)."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=device)
+    buf[offset:].copy_(t.reshape(-1))
+    return buf[offset:].view(t.shape)
+
+
 def run_case(fn, inputs, kw, device, deterministic=False, grad=True):
-    x, lab = (t.to(device) for t in inputs)
+    kw = dict(kw)
+    offset = kw.pop("_offset", 0)
+    if offset:  # made on the device: a copy to the device would be aligned again
+        x, lab = (_at_offset(t, device, offset) for t in inputs)
+        assert x.data_ptr() % 16 and lab.data_ptr() % 16
+    else:
+        x, lab = (t.to(device) for t in inputs)
     x = x.detach().requires_grad_(grad)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)

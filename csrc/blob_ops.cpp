@@ -669,7 +669,12 @@ at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_ou
   check_backward_args(grad_out, input, instances, coef, label_ids, num_coef(prm), op);
   auto x = as_planes(input);
   auto lab = as_planes(table_labels(instances, label_ids, prm.activation));
-  auto grad_input = at::empty_like(x);
+  // The gradient has the input's strides, as the fake kernel says (blobbench/_ops.py) and as
+  // autograd prefers (a leaf's .grad is then used as is); the kernels write a contiguous one,
+  // copied into those strides when they differ (e.g. channels_last_3d).
+  at::Tensor out = at::empty_like(input);
+  const bool direct = out.is_contiguous();
+  at::Tensor grad_input = direct ? out.view(x.sizes()) : at::empty_like(x);
   const bool composite = prm.with_ce && use_ce_composite(kernels);
   LossParams dice = prm;
   if (composite) dice.with_ce = false;
@@ -698,7 +703,8 @@ at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_ou
     g.mul_(grad_out.reshape({}).to(acc));
     grad_input.add_(g.to(grad_input.scalar_type()));
   }
-  return grad_input.view(input.sizes());
+  if (!direct) out.copy_(grad_input.view(input.sizes()));
+  return out;
 }
 
 }  // namespace

@@ -489,3 +489,40 @@ def test_backward_runs_no_python(loss_fn):
         sys.setprofile(None)
     assert calls == [], calls
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---- issue 19 item 4: the backward's strides are the fake kernel's -------------------------------
+
+
+@pytest.mark.parametrize("loss", ["dice", "tversky", "dice_ce"])
+def test_channels_last_3d_input_compiles_and_matches_eager_and_the_loop(loss):
+    """The backward ops return a gradient with the input's strides, as their fake kernels say, so
+    torch.compile's stride checks hold for a channels_last_3d input."""
+    torch._dynamo.reset()
+    rng = np.random.default_rng(5)
+    lab = random_instances(rng, (2, 3, 4, 6, 5), 4, empty_prob=0.0, dtype=torch.int64)
+    base = torch.randn(lab.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = base.to(memory_format=torch.channels_last_3d)
+    assert not x.is_contiguous()
+    fn, naive, backward, extra = {
+        "dice": (blob_dice, naive_blob_dice, torch.ops.blob._dice_backward, (False,)),
+        "tversky": (blob_tversky, blobbench.naive_blob_tversky, torch.ops.blob._tversky_backward, ()),
+        "dice_ce": (blobbench.blob_dice_ce, blobbench.naive_blob_dice_ce, torch.ops.blob._dice_ce_backward, (False,)),
+    }[loss]
+    eager = loss_and_grad(fn, x, lab)
+    compiled = loss_and_grad(torch.compile(fn, fullgraph=True), x, lab)
+    oracle = loss_and_grad(naive, base, lab)
+    assert rel_err(compiled[0], eager[0]) <= 1e-12 and rel_err(compiled[1], eager[1]) <= 1e-12
+    assert rel_err(eager[0], oracle[0]) <= 1e-10 and rel_err(eager[1], oracle[1]) <= 1e-8
+    # the backward op itself, eager: the input's strides, the same values as a contiguous input
+    forward = getattr(torch.ops.blob, f"_{loss}_forward")
+    args = {
+        "dice": (2.0, 1.0, "sigmoid", "paper", False, 1e-5, 1e-5, -1),
+        "tversky": (2.0, 1.0, "sigmoid", "paper", 0.3, 0.7, 1e-5, 1e-5, -1),
+        "dice_ce": (2.0, 1.0, 1.0, 1.0, "sigmoid", "paper", False, 1e-5, 1e-5, -1),
+    }[loss]
+    _, coef, ids = forward(x, lab, *args)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    grad = backward(one, x, lab, coef, ids, "sigmoid", *extra)
+    assert grad.stride() == x.stride()
+    assert torch.equal(grad, backward(one, base, lab, coef, ids, "sigmoid", *extra))

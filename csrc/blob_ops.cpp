@@ -44,6 +44,49 @@ int64_t dense_label_limit(int64_t voxels_per_plane) {
   return std::max<int64_t>(int64_t(1) << 16, voxels_per_plane / 8);
 }
 
+// ---- opt-in CUDA paths ------------------------------------------------------------------------
+
+const char* const kCudaPathNames[] = {
+    "vector_loads",       // accumulate with 16-byte loads, prefetch and exact integer counts
+    "coop_forward",       // the whole forward in one cooperative launch (two-launch fallback)
+    "split_forward",      // forces the two-launch fallback of coop_forward (accumulate, then finish)
+    "fused_dice_ce",      // blob Dice+CE in the accumulate/backward kernels (default: composite)
+    "softmax_inf",        // online softmax that accepts -inf logits (default: NaN for a -inf)
+    "parallel_finalize",  // finalisation parallel over labels (default: one block per plane)
+};
+const int kNumCudaPaths = int(sizeof(kCudaPathNames) / sizeof(kCudaPathNames[0]));
+
+bool cuda_path_enabled(const std::string& name) {
+  bool known = false;
+  for (int i = 0; i < kNumCudaPaths; ++i) known = known || name == kCudaPathNames[i];
+  TORCH_INTERNAL_ASSERT(known, "cuda_path_enabled: unknown path ", name);
+  const char* env = std::getenv("BLOBBENCH_CUDA_PATHS");
+  if (env == nullptr || *env == '\0') return false;
+  bool on = false;
+  const std::string list(env);
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    std::string token = list.substr(start, end - start);
+    token.erase(0, token.find_first_not_of(" \t"));
+    token.erase(token.find_last_not_of(" \t") + 1);
+    if (!token.empty()) {
+      bool valid = token == "all";
+      for (int i = 0; i < kNumCudaPaths; ++i) valid = valid || token == kCudaPathNames[i];
+      if (!valid) {
+        std::string names = "all";
+        for (int i = 0; i < kNumCudaPaths; ++i) names += std::string(", ") + kCudaPathNames[i];
+        TORCH_CHECK_VALUE(false, "BLOBBENCH_CUDA_PATHS: unknown CUDA path '", token,
+                          "'; expected a comma-separated list of: ", names);
+      }
+      on = on || token == "all" || token == name;
+    }
+    start = end + 1;
+  }
+  return on;
+}
+
 namespace {
 
 int32_t parse_activation(const std::string& name, const char* op) {
@@ -435,49 +478,6 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   }
   a.range = range;
   return a;
-}
-
-// ---- opt-in CUDA paths ------------------------------------------------------------------------
-
-const char* const kCudaPathNames[] = {
-    "vector_loads",       // accumulate with 16-byte loads, prefetch and exact integer counts
-    "coop_forward",       // the whole forward in one cooperative launch (two-launch fallback)
-    "split_forward",      // forces the two-launch fallback of coop_forward (accumulate, then finish)
-    "fused_dice_ce",      // blob Dice+CE in the accumulate/backward kernels (default: composite)
-    "softmax_inf",        // online softmax that accepts -inf logits (default: NaN for a -inf)
-    "parallel_finalize",  // finalisation parallel over labels (default: one block per plane)
-};
-const int kNumCudaPaths = int(sizeof(kCudaPathNames) / sizeof(kCudaPathNames[0]));
-
-bool cuda_path_enabled(const std::string& name) {
-  bool known = false;
-  for (int i = 0; i < kNumCudaPaths; ++i) known = known || name == kCudaPathNames[i];
-  TORCH_INTERNAL_ASSERT(known, "cuda_path_enabled: unknown path ", name);
-  const char* env = std::getenv("BLOBBENCH_CUDA_PATHS");
-  if (env == nullptr || *env == '\0') return false;
-  bool on = false;
-  const std::string list(env);
-  size_t start = 0;
-  while (start <= list.size()) {
-    size_t end = list.find(',', start);
-    if (end == std::string::npos) end = list.size();
-    std::string token = list.substr(start, end - start);
-    token.erase(0, token.find_first_not_of(" \t"));
-    token.erase(token.find_last_not_of(" \t") + 1);
-    if (!token.empty()) {
-      bool valid = token == "all";
-      for (int i = 0; i < kNumCudaPaths; ++i) valid = valid || token == kCudaPathNames[i];
-      if (!valid) {
-        std::string names = "all";
-        for (int i = 0; i < kNumCudaPaths; ++i) names += std::string(", ") + kCudaPathNames[i];
-        TORCH_CHECK_VALUE(false, "BLOBBENCH_CUDA_PATHS: unknown CUDA path '", token,
-                          "'; expected a comma-separated list of: ", names);
-      }
-      on = on || token == "all" || token == name;
-    }
-    start = end + 1;
-  }
-  return on;
 }
 
 // ---- Dice+CE on devices without fused CE kernels ---------------------------------------------

@@ -80,7 +80,8 @@ bool cuda_path_enabled(const std::string& name) {
         TORCH_CHECK_VALUE(false, "BLOBBENCH_CUDA_PATHS: unknown CUDA path '", token,
                           "'; expected a comma-separated list of: ", names);
       }
-      on = on || token == "all" || token == name;
+      // "all" is every path but split_forward, which only forces the fallback of coop_forward.
+      on = on || (token == "all" && name != "split_forward") || token == name;
     }
     start = end + 1;
   }

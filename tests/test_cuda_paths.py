@@ -21,8 +21,11 @@ def test_every_path_is_off_by_default(monkeypatch):
     assert [enabled(n) for n in NAMES] == [False] * len(NAMES)
 
 
-def test_all_turns_every_path_on(monkeypatch):
+def test_all_turns_every_path_on_but_the_forced_fallback(monkeypatch):
+    # split_forward only forces coop_forward's two-launch fallback: "all" must run the one launch.
     monkeypatch.setenv("BLOBBENCH_CUDA_PATHS", "all")
+    assert [enabled(n) for n in NAMES] == [n != "split_forward" for n in NAMES]
+    monkeypatch.setenv("BLOBBENCH_CUDA_PATHS", "all,split_forward")
     assert [enabled(n) for n in NAMES] == [True] * len(NAMES)
 
 

@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Softmax over C. Grid (blocks per batch element, B); a table row holds all C channels, keyed
 // c * K + k. Channel 0's label is derived: 1 where no other channel has an instance.
-template <typename scalar_t, typename label_t, bool SHARED>
+// INF: the online softmax of the opt-in path softmax_inf (softmax_step).
+template <typename scalar_t, typename label_t, bool SHARED, bool INF = false>
 __global__ void __launch_bounds__(kThreads)
     accumulate_softmax_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ labels,
                               int64_t C, int64_t V, int64_t K, bool squared, TableArgs ta,
@@ -125,12 +126,8 @@ __global__ void __launch_bounds__(kThreads)
       z[j] = 0;
       any[j] = false;
       if (i < V) {
-        for (int64_t c = 0; c < C; ++c) {  // online max and sum
-          const acc_t v = acc_t(xb[c * V + i]);
-          const acc_t m = v > mx[j] ? v : mx[j];
-          z[j] = z[j] * act_exp(mx[j] - m) + act_exp(v - m);
-          mx[j] = m;
-        }
+        for (int64_t c = 0; c < C; ++c)  // online max and sum
+          softmax_step<INF, acc_t>(mx[j], z[j], acc_t(xb[c * V + i]));
       }
     }
     for (int64_t cc = 1; cc <= C; ++cc) {
@@ -314,7 +311,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Softmax. Grid (blocks per batch element, B). Per position: the channel max and sum, the
 // per-channel dL/dp, their p-weighted sum, then the gradient of every channel.
-template <typename scalar_t, typename label_t>
+template <typename scalar_t, typename label_t, bool INF = false>
 __global__ void __launch_bounds__(kThreads)
     backward_softmax_kernel(const double* __restrict__ grad_out, const scalar_t* __restrict__ x,
                             const label_t* __restrict__ labels, const double* __restrict__ coef,
@@ -335,10 +332,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t mx = -INFINITY, z = 0;
     bool any = false;
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t v = acc_t(xb[c * V + i]);
-      const acc_t m = v > mx ? v : mx;
-      z = z * act_exp(mx - m) + act_exp(v - m);
-      mx = m;
+      softmax_step<INF, acc_t>(mx, z, acc_t(xb[c * V + i]));
       if (c > 0) any = any || lb[c * V + i] != 0;
     }
     const acc_t inv_z = acc_t(1) / z;
@@ -398,45 +392,57 @@ void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const 
   const int64_t planes = softmax ? B : B * C;
   const int64_t entries = (softmax ? C : 1) * K * kNumStats;
   const auto* props = at::cuda::getCurrentDeviceProperties();
+  auto softmax_kernel = softmax && cuda_path_enabled("softmax_inf")
+                            ? accumulate_softmax_kernel<in_t, lab_t, SHARED, true>
+                            : accumulate_softmax_kernel<in_t, lab_t, SHARED, false>;
   const int per_sm =
-      softmax
-          ? blocks_per_sm(accumulate_softmax_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0)
-          : blocks_per_sm(accumulate_elementwise_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0);
+      softmax ? blocks_per_sm(softmax_kernel, SHARED ? smem : 0)
+              : blocks_per_sm(accumulate_elementwise_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0);
   const int64_t target = int64_t(per_sm) * props->multiProcessorCount;
   const int64_t max_blocks = std::max<int64_t>(1, ceil_div(V, int64_t(kTile) * kWarps));
   int64_t blocks = std::min(max_blocks, std::max<int64_t>(1, ceil_div(target, planes)));
+  int64_t chunk = planes;  // planes per launch
   at::Tensor partial;
   const auto acc_dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
   if (SHARED) {
     partial = at::empty({planes * blocks * entries}, input.options().dtype(acc_dtype));
   } else if (!atomics) {
-    // Deterministic, large label range: one zeroed row per warp, at most ~256 MB of rows.
-    const int64_t budget_rows = (int64_t(256) << 20) / (planes * entries * int64_t(sizeof(acc_t)));
-    blocks = std::max<int64_t>(1, std::min(blocks, budget_rows / kWarps));
-    partial = at::zeros({planes * blocks * kWarps * entries}, input.options().dtype(acc_dtype));
+    // Deterministic, large label range: one zeroed row per warp, within warp_rows_budget()
+    // (256 MiB): fewer blocks per plane, and the planes in chunks, one launch each, when even one
+    // block per plane is too much. Each plane's arithmetic and its order are the same either way.
+    const WarpRowPlan plan =
+        plan_warp_rows(planes, entries * int64_t(sizeof(acc_t)), kWarps, blocks, warp_rows_budget());
+    blocks = plan.blocks;
+    chunk = plan.planes_per_launch;
+    partial = at::zeros({chunk * blocks * kWarps * entries}, input.options().dtype(acc_dtype));
   }
-  TableArgs ta{partial.defined() ? partial.data_ptr() : nullptr, stats.data_ptr<double>(), entries,
-               atomics};
+  const int64_t plane_stride = (softmax ? C : 1) * V;  // voxels of one plane (all channels)
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid{static_cast<unsigned>(blocks), static_cast<unsigned>(planes)};
-  if (softmax) {
-    accumulate_softmax_kernel<in_t, lab_t, SHARED><<<grid, kThreads, SHARED ? smem : 0, stream>>>(
-        input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), C, V, K, uses_pow(prm), ta,
-        invalid.data_ptr<int>());
-  } else {
-    accumulate_elementwise_kernel<in_t, lab_t, SHARED>
-        <<<grid, kThreads, SHARED ? smem : 0, stream>>>(
-            input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), V, K, prm.activation, uses_pow(prm),
-            ta, invalid.data_ptr<int>());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (partial.defined()) {
-    const int64_t rows = SHARED ? blocks : blocks * kWarps;
-    const int64_t n = planes * entries;
-    reduce_rows_kernel<acc_t><<<unsigned(ceil_div(n, 256)), 256, 0, stream>>>(
-        static_cast<const acc_t*>(partial.data_ptr()), planes, rows, entries,
-        stats.data_ptr<double>());
+  for (int64_t p0 = 0; p0 < planes; p0 += chunk) {
+    const int64_t n = std::min(chunk, planes - p0);
+    if (p0 > 0) partial.zero_();
+    TableArgs ta{partial.defined() ? partial.data_ptr() : nullptr,
+                 stats.data_ptr<double>() + p0 * entries, entries, atomics};
+    const in_t* x = input.data_ptr<in_t>() + p0 * plane_stride;
+    const lab_t* lab = labels.data_ptr<lab_t>() + p0 * plane_stride;
+    const dim3 grid{static_cast<unsigned>(blocks), static_cast<unsigned>(n)};
+    if (softmax) {
+      softmax_kernel<<<grid, kThreads, SHARED ? smem : 0, stream>>>(
+          x, lab, C, V, K, uses_pow(prm), ta, invalid.data_ptr<int>());
+    } else {
+      accumulate_elementwise_kernel<in_t, lab_t, SHARED>
+          <<<grid, kThreads, SHARED ? smem : 0, stream>>>(x, lab, V, K, prm.activation,
+                                                          uses_pow(prm), ta,
+                                                          invalid.data_ptr<int>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (partial.defined()) {
+      const int64_t rows = SHARED ? blocks : blocks * kWarps;
+      reduce_rows_kernel<acc_t><<<unsigned(ceil_div(n * entries, 256)), 256, 0, stream>>>(
+          static_cast<const acc_t*>(partial.data_ptr()), n, rows, entries,
+          stats.data_ptr<double>() + p0 * entries);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
 }
 
@@ -527,8 +533,9 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
     } else {
       const int64_t blocks = std::min(ceil_div(V, int64_t(kThreads)),
                                       std::max<int64_t>(1, ceil_div(int64_t(sms) * 8, planes)));
-      backward_softmax_kernel<in_t, lab_t>
-          <<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
+      auto kernel = cuda_path_enabled("softmax_inf") ? backward_softmax_kernel<in_t, lab_t, true>
+                                                     : backward_softmax_kernel<in_t, lab_t, false>;
+      kernel<<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
               go.data_ptr<double>(), input.data_ptr<in_t>(), labels.data_ptr<lab_t>(),
               coef.data_ptr<double>(), C, V, K, prm.squared_pred, staged,
               grad_input.data_ptr<in_t>());

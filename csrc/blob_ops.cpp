@@ -425,7 +425,7 @@ namespace {
 // kernels, which the tests hold it to on the CPU through BLOBBENCH_DICE_CE=composite.
 
 bool use_ce_composite(const DeviceKernels& kernels) {
-  if (!kernels.fused_ce) return true;
+  if (!kernels.fused_ce()) return true;
   const char* env = std::getenv("BLOBBENCH_DICE_CE");
   return env != nullptr && std::string(env) == "composite";
 }

@@ -37,9 +37,10 @@ struct DeviceKernels {
   // Whether accumulate needs the `invalid` flag (devices that cannot raise without a sync).
   bool uses_invalid_flag;
   // Whether accumulate, finalize and backward also compute blob Dice+CE (prm.with_ce: 5 stats
-  // and 4 coefficients per label). Devices without run the Dice kernels and add the BCE with
-  // ATen ops and a host finalisation (dice_ce_forward_composite in blob_ops.cpp).
-  bool fused_ce;
+  // and 4 coefficients per label), asked at each call (CUDA: the opt-in path fused_dice_ce).
+  // Where not, the device's Dice kernels run and the BCE is added with ATen ops
+  // (dice_ce_forward_composite in blob_ops.cpp).
+  bool (*fused_ce)();
 };
 
 // ---- opt-in CUDA paths (docs/design.md section 5.6, "Landing device code") -----------------

@@ -1,5 +1,5 @@
-"""Issue 19 (items 2 to 4): the opt-in CUDA path softmax_inf (BLOBBENCH_CUDA_PATHS), and the row
-budget of the deterministic accumulate.
+"""Issue 19 (items 2 to 4): the opt-in CUDA paths softmax_inf, parallel_finalize and
+fused_dice_ce (BLOBBENCH_CUDA_PATHS), and the row budget of the deterministic accumulate.
 
 The CUDA tests run wherever a GPU is (marked `cuda`); the CPU tests check what the CPU can: the
 CPU kernel's softmax with -inf logits and the row-budget arithmetic (blob._warp_row_plan).
@@ -12,7 +12,7 @@ from conftest import HAVE_CUDA
 from helpers import loss_and_grad, random_instances, rel_err
 
 import blobbench
-from blobbench import naive_blob_dice
+from blobbench import naive_blob_dice, naive_blob_dice_ce
 
 INF = float("inf")
 
@@ -195,3 +195,234 @@ def test_cuda_deterministic_rows_in_chunks_of_planes(monkeypatch, dtype):
         assert torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1])
     tl, tg = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-4)
     assert rel_err(results[0][0], want[0]) <= tl and rel_err(results[0][1], want[1]) <= tg
+
+
+# ---- parallel_finalize ------------------------------------------------------------------------
+
+
+def _wide_case(seed, shape, blobs, max_id):
+    """Instances with ids spread over [1, max_id] (many chunks of the parallel finalisation)."""
+    rng = np.random.default_rng(seed)
+    instances = random_instances(rng, shape, blobs, empty_prob=0.2)
+    remap = torch.from_numpy(rng.choice(np.arange(1, max_id + 1), size=int(instances.max()) + 1, replace=False))
+    remap[0] = 0
+    instances = remap[instances.long()].to(torch.int32)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x, instances
+
+
+FINALIZE_CASES = [
+    # (loss, activation, masking, squared_pred)
+    ("dice", "sigmoid", "paper", False),
+    ("dice", "sigmoid", "official", True),
+    ("dice", "softmax", "paper", False),
+    ("dice", "none", "official", False),
+    ("tversky", "sigmoid", "official", False),
+    ("tversky", "softmax", "paper", False),
+]
+
+
+def _loss_fn(loss, activation, masking, squared_pred):
+    def fn(t, inst, **kw):
+        opts = dict(activation=activation, masking=masking, spatial_dims=3, **kw)
+        if loss == "dice":
+            return blobbench.blob_dice(t, inst, squared_pred=squared_pred, **opts)
+        return blobbench.blob_tversky(t, inst, **opts)
+
+    return fn
+
+
+@pytest.mark.parametrize("case", FINALIZE_CASES)
+@pytest.mark.parametrize("max_label", [10**6, 37])
+@on_cuda
+def test_cuda_parallel_finalize_matches_default_path_and_cpu(monkeypatch, case, max_label):
+    loss, activation, masking, squared = case
+    fn = _loss_fn(*case)
+    # a dense table of 10**6 + 1 labels needs few planes (kDenseTableBudget): 3 planes of 6 chunks
+    shape = (1, 3, 4, 24, 24) if max_label == 10**6 else (3, 3, 4, 24, 24)
+    x, instances = _wide_case(11, shape, 6, min(max_label, 10**6))
+    if activation == "none":
+        x = torch.sigmoid(x)
+    want = loss_and_grad(fn, x, instances, max_label=max_label)  # CPU, float64
+    xc, ic = x.cuda(), instances.cuda()
+    _paths(monkeypatch, None)
+    default = loss_and_grad(fn, xc, ic, max_label=max_label)
+    _paths(monkeypatch, "parallel_finalize")
+    got = loss_and_grad(fn, xc, ic, max_label=max_label)
+    again = loss_and_grad(fn, xc, ic, max_label=max_label)
+    assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])  # bitwise run to run
+    # the same sums, finalised in another order: float64 rounding only
+    assert rel_err(got[0], default[0]) <= 1e-12 and rel_err(got[1], default[1]) <= 1e-10
+    assert rel_err(got[0], want[0]) <= 1e-10 and rel_err(got[1], want[1]) <= 1e-8
+    got32 = loss_and_grad(fn, xc.float(), ic, max_label=max_label)
+    assert rel_err(got32[0], want[0]) <= 1e-5 and rel_err(got32[1], want[1]) <= 1e-4
+
+
+@on_cuda
+def test_cuda_parallel_finalize_without_sync_and_nan_for_bad_ids(monkeypatch):
+    _paths(monkeypatch, "parallel_finalize")
+    x, instances = _wide_case(12, (2, 2, 4, 32, 32), 8, 10**6)
+    x = x.float().cuda().requires_grad_(True)
+    instances = instances.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = blobbench.blob_dice(x, instances, max_label=10**6, spatial_dims=3)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    # an id above max_label: NaN loss and gradient, as on the default path
+    bad = instances.clone()
+    bad[1, 0, 0, 0, 0] = 10**6 + 1
+    loss, grad = loss_and_grad(blobbench.blob_dice, x.detach(), bad, max_label=10**6, spatial_dims=3)
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+
+
+# ---- fused_dice_ce ----------------------------------------------------------------------------
+
+
+def _ce_case(seed):
+    """helpers.random_case with softmax (refused by Dice+CE) turned into sigmoid, lambdas drawn."""
+    from helpers import random_case
+
+    x, instances, alpha, beta, options = random_case(seed)
+    if options["activation"] == "softmax":
+        options["activation"] = "sigmoid"
+    rng = np.random.default_rng(10_000 + seed)
+    options["lambda_dice"] = float(rng.choice([1.0, 0.5, 0.0]))
+    options["lambda_ce"] = float(rng.choice([1.0, 2.0, 0.3]))
+    return x, instances, alpha, beta, options
+
+
+def _dice_ce(t, inst, *args, **kw):
+    return blobbench.blob_dice_ce(t, inst, *args, spatial_dims=t.dim() - 2, **kw)
+
+
+def _fused_on(monkeypatch):
+    _paths(monkeypatch, "fused_dice_ce")
+    monkeypatch.delenv("BLOBBENCH_DICE_CE", raising=False)
+    assert torch.ops.blob._cuda_path_enabled("fused_dice_ce")
+
+
+@pytest.mark.parametrize("seed", range(40))
+@on_cuda
+def test_cuda_fused_dice_ce_matches_naive_loop_cpu_and_composite(monkeypatch, seed):
+    x, instances, alpha, beta, options = _ce_case(seed)
+    want = loss_and_grad(naive_blob_dice_ce, x.double(), instances, alpha, beta, **options)
+    cpu = loss_and_grad(_dice_ce, x.double(), instances, alpha, beta, **options)
+    xc, ic = x.double().cuda(), instances.cuda()
+    _paths(monkeypatch, None)
+    composite = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    _fused_on(monkeypatch)
+    got = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    again = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])
+    assert rel_err(got[0], want[0]) <= 1e-9 and rel_err(got[1], want[1]) <= 1e-9
+    assert rel_err(got[0], cpu[0]) <= 1e-12 and rel_err(got[1], cpu[1]) <= 1e-10
+    assert rel_err(got[0], composite[0]) <= 1e-12 and rel_err(got[1], composite[1]) <= 1e-10
+    got32 = loss_and_grad(_dice_ce, xc.float(), ic, alpha, beta, **options)
+    assert got32[0].dtype == torch.float32 and got32[1].dtype == torch.float32
+    assert rel_err(got32[0], want[0]) <= 1e-4 and rel_err(got32[1], want[1]) <= 1e-4
+
+
+@on_cuda
+def test_cuda_fused_dice_ce_coefficient_table_matches_cpu(monkeypatch):
+    _fused_on(monkeypatch)
+    for seed in (6, 7, 9):
+        x, instances, alpha, beta, o = _ce_case(seed)
+        args = (alpha, beta, o["lambda_dice"], o["lambda_ce"], o["activation"], o["masking"],
+                o["squared_pred"], o["smooth_nr"], o["smooth_dr"], -1)
+        cpu = torch.ops.blob._dice_ce_forward(x, instances, *args)
+        got = torch.ops.blob._dice_ce_forward(x.cuda(), instances.cuda(), *args)
+        assert got[1].shape == cpu[1].shape and got[1].shape[-1] == 4
+        assert rel_err(got[0], cpu[0]) <= 1e-12 and rel_err(got[1], cpu[1]) <= 1e-12
+
+
+@pytest.mark.parametrize("activation,masking", [("sigmoid", "paper"), ("sigmoid", "official"), ("none", "paper")])
+@pytest.mark.parametrize("deterministic", [False, True])
+@on_cuda
+def test_cuda_fused_dice_ce_large_label_ranges(monkeypatch, activation, masking, deterministic):
+    # 20000 ids: 8 warp tables of 20000 x 5 sums do not fit in shared memory (per-warp rows in
+    # deterministic mode, else double atomics); max_label = 10**6: a dense table of 10**6 + 1
+    # labels (the parallel finalisation over 245 chunks per plane; dense for at most 3 planes).
+    _fused_on(monkeypatch)
+    shape = (1, 2, 8, 64, 64)
+    gen = torch.Generator().manual_seed(13)
+    instances = torch.zeros(shape, dtype=torch.int32)
+    flat = instances.view(-1)
+    pos = torch.randperm(flat.numel(), generator=gen)[:40000]
+    flat[pos] = torch.randint(1, 20000, (40000,), generator=gen, dtype=torch.int32)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if activation == "none":
+        x = torch.sigmoid(x)
+    opts = dict(activation=activation, masking=masking)
+    want = loss_and_grad(_dice_ce, x, instances, **opts)  # CPU fused, float64
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for max_label in (None, 10**6):
+            got = loss_and_grad(_dice_ce, x.cuda(), instances.cuda(), max_label=max_label, **opts)
+            got32 = loss_and_grad(_dice_ce, x.float().cuda(), instances.cuda(), max_label=max_label, **opts)
+            assert rel_err(got[0], want[0]) <= 1e-10 and rel_err(got[1], want[1]) <= 1e-8
+            assert rel_err(got32[0], want[0]) <= 1e-4 and rel_err(got32[1], want[1]) <= 1e-4
+            if deterministic:
+                again = loss_and_grad(_dice_ce, x.float().cuda(), instances.cuda(), max_label=max_label, **opts)
+                assert torch.equal(got32[0], again[0]) and torch.equal(got32[1], again[1])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("activation,masking", [("sigmoid", "paper"), ("sigmoid", "official"), ("none", "official")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@on_cuda
+def test_cuda_fused_dice_ce_without_sync(monkeypatch, activation, masking, dtype):
+    _fused_on(monkeypatch)
+    rng = np.random.default_rng(1)
+    instances = random_instances(rng, (2, 2, 8, 32, 32), 12, empty_prob=0.0).cuda()
+    x = torch.randn(instances.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    if activation == "none":
+        x = torch.sigmoid(x)
+    xc = x.to(dtype).cuda().requires_grad_(True)
+    max_label = int(instances.max())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = blobbench.blob_dice_ce(xc, instances, activation=activation, masking=masking, max_label=max_label)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = loss_and_grad(
+        naive_blob_dice_ce, x.to(dtype).double(), instances.cpu(), activation=activation, masking=masking
+    )
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert loss.dtype == torch.float32 and xc.grad.dtype == dtype
+    assert rel_err(loss, want[0]) <= 1e-4 and rel_err(xc.grad, want[1]) <= tol
+
+
+@on_cuda
+def test_cuda_fused_dice_ce_nan_for_bad_input(monkeypatch):
+    _fused_on(monkeypatch)
+    rng = np.random.default_rng(2)
+    instances = random_instances(rng, (2, 1, 4, 16, 16), 5, empty_prob=0.0)
+    x = torch.randn(instances.shape, generator=torch.Generator().manual_seed(2))
+    bad = instances.clone()
+    bad[0, 0, 0, 0, 0] = int(instances.max()) + 1
+    loss, grad = loss_and_grad(_dice_ce, x.cuda(), bad.cuda(), max_label=int(instances.max()))
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+    p = torch.sigmoid(x)
+    p[0, 0, 1, 1, 1] = 1.5  # activation none: probabilities outside [0, 1]
+    loss, grad = loss_and_grad(_dice_ce, p.cuda(), instances.cuda(), activation="none")
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+
+
+@on_cuda
+def test_cuda_fused_dice_ce_env_switches(monkeypatch):
+    # fused only with the path on and BLOBBENCH_DICE_CE != composite; the same loss either way
+    x, instances, alpha, beta, options = _ce_case(3)
+    xc, ic = x.cuda(), instances.cuda()
+    _fused_on(monkeypatch)
+    fused = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    monkeypatch.setenv("BLOBBENCH_DICE_CE", "composite")
+    composite = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    assert rel_err(fused[0], composite[0]) <= 1e-12 and rel_err(fused[1], composite[1]) <= 1e-10

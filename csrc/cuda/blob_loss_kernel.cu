@@ -31,6 +31,7 @@
 
 #include "../blob_ops.h"
 #include "accumulate_common.cuh"
+#include "dice_ce.h"
 
 namespace blob {
 namespace {
@@ -455,6 +456,8 @@ bool accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
   TORCH_CHECK_VALUE(input.size(0) <= 65535 && input.size(0) * input.size(1) <= 65535, op,
                     " (CUDA): B * C must be at most 65535, got ",
                     num(input.size(0) * input.size(1)));
+  // Blob Dice+CE reaches the kernels only on the opt-in path fused_dice_ce (cuda_fuses_dice_ce).
+  if (prm.with_ce) return accumulate_cuda_ce(input, labels, prm, K, stats, invalid_flag);
   at::Tensor invalid = invalid_flag;
   const int64_t C = input.size(1);
   const size_t acc_size = input.scalar_type() == at::kDouble ? 8 : 4;
@@ -479,6 +482,10 @@ bool accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
 // The combine kernel writes a float64 loss; a float32 output is converted by one copy.
 void finalize_cuda(const at::Tensor& stats, const at::Tensor& invalid, const LossParams& prm,
                    at::Tensor& loss_out, at::Tensor& coef, const char* /*op*/) {
+  if (prm.with_ce || cuda_path_enabled("parallel_finalize")) {
+    finalize_cuda_parallel(stats, invalid, prm, loss_out, coef);  // dice_ce_kernel.cu
+    return;
+  }
   at::Tensor loss =
       loss_out.scalar_type() == at::kDouble ? loss_out : at::empty({}, stats.options());
   const c10::cuda::CUDAGuard guard(stats.device());
@@ -510,6 +517,7 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t B = input.size(0), C = input.size(1), V = input.size(2), K = coef.size(2);
   TORCH_CHECK_VALUE(B * C <= 65535, op, " (CUDA): B * C must be at most 65535, got ", num(B * C));
+  if (prm.with_ce) return backward_cuda_ce(grad_out, input, labels, coef, prm, grad_input);
   const bool softmax = prm.activation == kSoftmax;
   const int64_t planes = softmax ? B : B * C;
   const int64_t n_coef = (softmax ? C : 1) * K;
@@ -545,10 +553,13 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
   return true;
 }
 
-// fused_ce = false: blob Dice+CE runs these Dice kernels and adds the cross-entropy with ATen
-// ops (blob_ops.cpp, dice_ce_forward_composite) until a fused CUDA kernel is verified on a GPU.
+// By default blob Dice+CE runs these Dice kernels and adds the cross-entropy with ATen ops
+// (blob_ops.cpp, dice_ce_forward_composite); the fused kernels of dice_ce_kernel.cu only on the
+// opt-in path fused_dice_ce, until they are verified on a GPU.
+bool cuda_fuses_dice_ce() { return cuda_path_enabled("fused_dice_ce"); }
+
 const DeviceKernels kCudaKernels{&accumulate_cuda, &finalize_cuda, &backward_cuda,
-                                 /*uses_invalid_flag=*/true, /*fused_ce=*/false};
+                                 /*uses_invalid_flag=*/true, /*fused_ce=*/&cuda_fuses_dice_ce};
 
 }  // namespace
 

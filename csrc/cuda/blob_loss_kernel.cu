@@ -393,12 +393,20 @@ void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const 
   const int64_t planes = softmax ? B : B * C;
   const int64_t entries = (softmax ? C : 1) * K * kNumStats;
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  auto softmax_kernel = softmax && cuda_path_enabled("softmax_inf")
-                            ? accumulate_softmax_kernel<in_t, lab_t, SHARED, true>
+  const bool inf = softmax && cuda_path_enabled("softmax_inf");
+  auto softmax_kernel = inf ? accumulate_softmax_kernel<in_t, lab_t, SHARED, true>
                             : accumulate_softmax_kernel<in_t, lab_t, SHARED, false>;
+  // The launch geometry is the default kernel's also for softmax_inf (whose kernel uses more
+  // registers, so fewer resident blocks): the same blocks per plane, the same bits for finite
+  // logits. The INF kernel only needs the opt-in to more than 48 KB of shared memory.
   const int per_sm =
-      softmax ? blocks_per_sm(softmax_kernel, SHARED ? smem : 0)
+      softmax ? blocks_per_sm(accumulate_softmax_kernel<in_t, lab_t, SHARED, false>,
+                              SHARED ? smem : 0)
               : blocks_per_sm(accumulate_elementwise_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0);
+  if (inf && SHARED && smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(softmax_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  }
   const int64_t target = int64_t(per_sm) * props->multiProcessorCount;
   const int64_t max_blocks = std::max<int64_t>(1, ceil_div(V, int64_t(kTile) * kWarps));
   int64_t blocks = std::min(max_blocks, std::max<int64_t>(1, ceil_div(target, planes)));

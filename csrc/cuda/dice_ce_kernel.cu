@@ -4,14 +4,16 @@
 //
 // parallel_finalize: the finalisation over the (B, C, K) table, parallel over labels. The
 // default runs one 256-thread block per plane over all K labels, twice (totals, then the blob
-// terms): several ms for K = 10^6. Here each plane's labels are cut into fixed chunks of
-// kLabelsPerBlock, one block each: (1) every block reduces its chunk's totals (fixed-order block
-// reduction), (2) one thread per plane adds the chunk totals in chunk order, (3) every block
-// evaluates the blob terms of its chunk against the plane's totals, (4) one thread per plane
-// adds those in chunk order and forms the plane's result, then the combine and coefficient
-// kernels of the default path (same code, here templated on Dice+CE). The chunking depends on K
-// only, not on the device, so the result is bitwise reproducible (it differs from the default
-// path by rounding: another summation order). Formulas: blob_loss_math.h, as everywhere.
+// terms): several ms for K = 10^6 (an estimate, not measured). Here each plane's labels are cut
+// into fixed chunks of kLabelsPerBlock, one block each: (1) every block reduces its chunk's
+// totals (fixed-order block reduction), (2) one thread per plane adds the chunk totals in chunk
+// order, (3) every block evaluates the blob terms of its chunk against the plane's totals, (4)
+// one thread per plane adds those in chunk order and forms the plane's result, then a combine
+// and a coefficient kernel that are copies of the default path's combine_kernel and coef_kernel
+// (blob_loss_kernel.cu; here templated on Dice+CE, the default's left untouched). The chunking
+// depends on K only, not on the device, so the result is bitwise reproducible (it differs from
+// the default path by rounding: another summation order). Formulas: blob_loss_math.h, as
+// everywhere.
 //
 // fused_dice_ce: blob Dice+CE in the kernels, as on the CPU (cpu/kernels_impl.h): the
 // accumulate pass sums five values per label, (S, P, N, E^g, E^b), E^g / E^b each voxel's BCE

@@ -30,6 +30,42 @@ def _paths(monkeypatch, names):
         monkeypatch.delenv("BLOBBENCH_CUDA_PATHS", raising=False)
 
 
+def _kernels(fn, *args, **kwargs):
+    """fn's result and the names of the CUDA kernels it launched, in launch order
+    (torch.profiler); the names are the demangled ones, template arguments included."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    assert names, "the profiler recorded no CUDA kernel"
+    return out, names
+
+
+def _launches(names, kernel):
+    return sum(kernel in n for n in names)
+
+
+# the kernels of dice_ce_kernel.cu: the fused Dice+CE accumulate and backward, and the parallel
+# finalisation (used by fused_dice_ce and parallel_finalize)
+CE_KERNELS = ("accumulate_ce_kernel", "reduce_rows_ce_kernel", "backward_ce_kernel")
+FINALIZE_KERNELS = (
+    "chunk_totals_kernel",
+    "plane_totals_kernel",
+    "chunk_blob_kernel",
+    "plane_result_kernel",
+    "combine_planes_kernel",
+    "label_coef_kernel",
+)
+
+
+def _none_of(names, kernels):
+    return not any(k in n for n in names for k in kernels)
+
+
 # ---- softmax with -inf logits (softmax_inf) ---------------------------------------------------
 
 
@@ -84,7 +120,7 @@ def test_cuda_softmax_inf_matches_naive_loop(monkeypatch, dtype, max_label):
     _paths(monkeypatch, "softmax_inf")
     assert torch.ops.blob._cuda_path_enabled("softmax_inf")
     x, instances = _inf_case(3)
-    want = _softmax_oracle(x, instances)
+    want = _softmax_oracle(x.to(dtype).double(), instances)  # the logits as rounded to dtype
     ml = int(instances.max()) if max_label else None
     got = loss_and_grad(
         blobbench.blob_dice, x.to(dtype).cuda(), instances.cuda(), activation="softmax", max_label=ml,
@@ -95,9 +131,34 @@ def test_cuda_softmax_inf_matches_naive_loop(monkeypatch, dtype, max_label):
     assert rel_err(got[0], want[0]) <= tl and rel_err(got[1].double(), want[1]) <= tg
     # finite logits: the same bits as the default path (same update, exp(0) = 1)
     xf = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).cuda()
-    on = loss_and_grad(blobbench.blob_dice, xf, instances.cuda(), activation="softmax", spatial_dims=3)
+    args = (blobbench.blob_dice, xf, instances.cuda())
+    on, k_on = _kernels(loss_and_grad, *args, activation="softmax", spatial_dims=3)
     _paths(monkeypatch, None)
-    off = loss_and_grad(blobbench.blob_dice, xf, instances.cuda(), activation="softmax", spatial_dims=3)
+    off, k_off = _kernels(loss_and_grad, *args, activation="softmax", spatial_dims=3)
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+    # the INF instantiations ran: they differ from the default ones in the last template argument
+    # (INF) only, so one name each, not the default's
+    for kernel in ("accumulate_softmax_kernel", "backward_softmax_kernel"):
+        s_on = {n for n in k_on if kernel in n}
+        s_off = {n for n in k_off if kernel in n}
+        assert len(s_on) == 1 and len(s_off) == 1 and s_on != s_off, (s_on, s_off)
+
+
+@on_cuda
+def test_cuda_softmax_inf_keeps_the_default_launch_geometry(monkeypatch):
+    # B = 1 and 1.5 M voxels: the blocks per plane are those that fill the device (not the
+    # 768 tiles of the volume), which depend on the resident blocks per SM. The INF kernel has
+    # fewer (more registers); its launch takes the default kernel's, so finite logits give the
+    # same bits as the default path.
+    shape = (1, 3, 96, 128, 128)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(shape, generator=gen).cuda()
+    ids = torch.randint(1, 40, shape, generator=gen, dtype=torch.int32)
+    instances = torch.where(torch.rand(shape, generator=gen) < 0.02, ids, 0).cuda()
+    _paths(monkeypatch, "softmax_inf")
+    on = loss_and_grad(blobbench.blob_dice, x, instances, activation="softmax", spatial_dims=3)
+    _paths(monkeypatch, None)
+    off = loss_and_grad(blobbench.blob_dice, x, instances, activation="softmax", spatial_dims=3)
     assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
 
 
@@ -161,40 +222,70 @@ def test_warp_row_plan_rejects_bad_arguments():
         _plan(0, 1, 8, 1, 1)
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @on_cuda
-def test_cuda_deterministic_rows_in_chunks_of_planes(monkeypatch, dtype):
+def test_cuda_deterministic_rows_in_chunks_of_planes(monkeypatch, dtype, activation):
     # 20000 labels: the warp tables do not fit in shared memory; under deterministic algorithms
     # the accumulate uses per-warp rows in global memory. A small test-only budget
     # (BLOBBENCH_WARP_ROWS_BUDGET) forces one block per plane, first with all 5 planes in one
     # launch, then in chunks of 2 and of 1: the same bits (same kernel, same order per plane).
-    shape, K = (5, 1, 8, 64, 64), 20000
+    # Sigmoid: 5 planes (B * C, C = 1); softmax: 5 planes (B) of C = 3 channels each, a row holds
+    # C * K labels and a chunk starts p0 * C * V voxels in.
+    softmax = activation == "softmax"
+    shape, K = ((5, 3, 8, 32, 32) if softmax else (5, 1, 8, 64, 64)), 20000
+    planes, row_labels = 5, (3 if softmax else 1) * K
+    kernel = "accumulate_softmax_kernel" if softmax else "accumulate_elementwise_kernel"
     gen = torch.Generator().manual_seed(7)
     instances = torch.zeros(shape, dtype=torch.int32)
     flat = instances.view(-1)
     pos = torch.randperm(flat.numel(), generator=gen)[:30000]
     flat[pos] = torch.randint(1, K, (30000,), generator=gen, dtype=torch.int32)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
-    want = loss_and_grad(blobbench.blob_dice, x, instances, max_label=K - 1, spatial_dims=3)
-    row = K * 3 * (8 if dtype == torch.float64 else 4)
+    opts = dict(activation=activation, max_label=K - 1, spatial_dims=3)
+    want = loss_and_grad(blobbench.blob_dice, x, instances, **opts)
+    row = row_labels * 3 * (8 if dtype == torch.float64 else 4)
     one_block = 8 * row  # bytes of one block of one plane
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     results = []
     try:
-        for budget, per_launch in ((5 * one_block, 5), (2 * one_block + 1, 2), (one_block, 1)):
-            assert _plan(5, row, 8, 1000, budget) == (1, per_launch)
+        for budget, per_launch in ((planes * one_block, planes), (2 * one_block + 1, 2), (one_block, 1)):
+            # the plan's planes per launch do not depend on the blocks wanted (1 or many)
+            assert _plan(planes, row, 8, 1000, budget) == (1, per_launch)
+            assert _plan(planes, row, 8, 1, budget) == (1, per_launch)
             monkeypatch.setenv("BLOBBENCH_WARP_ROWS_BUDGET", str(budget))
-            results.append(
-                loss_and_grad(blobbench.blob_dice, x.to(dtype).cuda(), instances.cuda(), max_label=K - 1,
-                              spatial_dims=3)
+            got, names = _kernels(
+                loss_and_grad, blobbench.blob_dice, x.to(dtype).cuda(), instances.cuda(), **opts
             )
+            # one accumulate launch per chunk of planes (the forward's only accumulate pass)
+            assert _launches(names, kernel) == -(-planes // per_launch), names
+            results.append(got)
     finally:
         torch.use_deterministic_algorithms(prev)
     for r in results[1:]:
         assert torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1])
     tl, tg = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-4)
     assert rel_err(results[0][0], want[0]) <= tl and rel_err(results[0][1], want[1]) <= tg
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "12x", " "])
+@on_cuda
+def test_cuda_malformed_warp_rows_budget_raises(monkeypatch, value):
+    # the budget is read only where the per-warp rows are used (CUDA, deterministic, K beyond
+    # shared memory)
+    monkeypatch.setenv("BLOBBENCH_WARP_ROWS_BUDGET", value)
+    shape = (1, 1, 4, 16, 16)
+    instances = torch.zeros(shape, dtype=torch.int32)
+    instances[0, 0, 0, 0, :4] = torch.tensor([1, 2, 19999, 3], dtype=torch.int32)
+    x = torch.randn(shape).cuda()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(ValueError, match="BLOBBENCH_WARP_ROWS_BUDGET: expected a positive number"):
+            blobbench.blob_dice(x, instances.cuda(), max_label=19999, spatial_dims=3)
+    finally:
+        torch.use_deterministic_algorithms(prev)
 
 
 # ---- parallel_finalize ------------------------------------------------------------------------
@@ -246,9 +337,14 @@ def test_cuda_parallel_finalize_matches_default_path_and_cpu(monkeypatch, case, 
     want = loss_and_grad(fn, x, instances, max_label=max_label)  # CPU, float64
     xc, ic = x.cuda(), instances.cuda()
     _paths(monkeypatch, None)
-    default = loss_and_grad(fn, xc, ic, max_label=max_label)
+    default, k_default = _kernels(loss_and_grad, fn, xc, ic, max_label=max_label)
     _paths(monkeypatch, "parallel_finalize")
-    got = loss_and_grad(fn, xc, ic, max_label=max_label)
+    got, k_got = _kernels(loss_and_grad, fn, xc, ic, max_label=max_label)
+    # the path ran: its kernels instead of the default finalisation, and nothing of fused_dice_ce
+    assert _launches(k_default, "plane_summary_kernel") == 1 and _none_of(k_default, FINALIZE_KERNELS)
+    assert all(_launches(k_got, k) == 1 for k in FINALIZE_KERNELS), k_got
+    assert _launches(k_got, "plane_summary_kernel") == 0
+    assert _none_of(k_default, CE_KERNELS) and _none_of(k_got, CE_KERNELS)
     again = loss_and_grad(fn, xc, ic, max_label=max_label)
     assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])  # bitwise run to run
     # the same sums, finalised in another order: float64 rounding only
@@ -313,9 +409,16 @@ def test_cuda_fused_dice_ce_matches_naive_loop_cpu_and_composite(monkeypatch, se
     cpu = loss_and_grad(_dice_ce, x.double(), instances, alpha, beta, **options)
     xc, ic = x.double().cuda(), instances.cuda()
     _paths(monkeypatch, None)
-    composite = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    composite, k_composite = _kernels(loss_and_grad, _dice_ce, xc, ic, alpha, beta, **options)
     _fused_on(monkeypatch)
-    got = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    got, k_got = _kernels(loss_and_grad, _dice_ce, xc, ic, alpha, beta, **options)
+    # the fused path ran (and the composite, the default, uses none of its kernels)
+    assert _none_of(k_composite, CE_KERNELS + FINALIZE_KERNELS)
+    assert _launches(k_composite, "plane_summary_kernel") == 1
+    for kernel in ("accumulate_ce_kernel", "chunk_totals_kernel", "backward_ce_kernel"):
+        assert _launches(k_got, kernel) >= 1, (kernel, k_got)
+    assert _launches(k_got, "plane_summary_kernel") == 0
+    assert _none_of(k_got, ("accumulate_elementwise_kernel", "backward_elementwise_kernel"))
     again = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
     assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])
     assert rel_err(got[0], want[0]) <= 1e-9 and rel_err(got[1], want[1]) <= 1e-9
@@ -422,7 +525,9 @@ def test_cuda_fused_dice_ce_env_switches(monkeypatch):
     x, instances, alpha, beta, options = _ce_case(3)
     xc, ic = x.cuda(), instances.cuda()
     _fused_on(monkeypatch)
-    fused = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    fused, k_fused = _kernels(loss_and_grad, _dice_ce, xc, ic, alpha, beta, **options)
     monkeypatch.setenv("BLOBBENCH_DICE_CE", "composite")
-    composite = loss_and_grad(_dice_ce, xc, ic, alpha, beta, **options)
+    composite, k_composite = _kernels(loss_and_grad, _dice_ce, xc, ic, alpha, beta, **options)
+    assert _launches(k_fused, "accumulate_ce_kernel") >= 1 and _launches(k_fused, "backward_ce_kernel") == 1
+    assert _none_of(k_composite, CE_KERNELS + FINALIZE_KERNELS)
     assert rel_err(fused[0], composite[0]) <= 1e-12 and rel_err(fused[1], composite[1]) <= 1e-10

@@ -142,6 +142,8 @@ def test_cuda_softmax_inf_matches_naive_loop(monkeypatch, dtype, max_label):
         s_on = {n for n in k_on if kernel in n}
         s_off = {n for n in k_off if kernel in n}
         assert len(s_on) == 1 and len(s_off) == 1 and s_on != s_off, (s_on, s_off)
+    # neither run touches the kernels of the other opt-in paths
+    assert _none_of(k_on, CE_KERNELS + FINALIZE_KERNELS) and _none_of(k_off, CE_KERNELS + FINALIZE_KERNELS)
 
 
 @on_cuda

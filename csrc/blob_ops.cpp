@@ -481,15 +481,43 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   return a;
 }
 
+}  // namespace
+
+WarpRowPlan plan_warp_rows(int64_t planes, int64_t row_bytes, int64_t warps, int64_t blocks,
+                           int64_t budget) {
+  const int64_t per_block = warps * row_bytes;  // one block of one plane
+  const int64_t budget_rows = budget / (planes * row_bytes);
+  // (until issue 19 this was max(1, min(blocks, budget_rows / warps)) with all planes in one
+  // launch, past the budget when budget_rows < warps)
+  if (budget_rows >= warps) return {std::min(blocks, budget_rows / warps), planes};
+  return {1, std::max<int64_t>(1, budget / per_block)};
+}
+
+int64_t warp_rows_budget() {
+  const char* env = std::getenv("BLOBBENCH_WARP_ROWS_BUDGET");  // test-only, bytes
+  if (env == nullptr || *env == '\0') return int64_t(256) << 20;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && v > 0,
+                    "BLOBBENCH_WARP_ROWS_BUDGET: expected a positive number of bytes, got '", env,
+                    "'");
+  return int64_t(v);
+}
+
+namespace {
+
 // ---- Dice+CE on devices without fused CE kernels ---------------------------------------------
 // (CUDA for now: its kernels compute the Dice sums and the Dice gradient only.) The Dice part
 // runs the device's kernels; each voxel's BCE and the BCE part of the gradient are elementwise
-// ATen ops, the per-label BCE sums come from the device's accumulate kernel (deterministic), and
-// the finalisation runs on the device (no sync with max_label). The same numbers as the fused CPU
+// ATen ops, the per-label BCE sums come from the device's accumulate kernel (deterministic
+// exactly when its Dice sums are: on CUDA while the 8 warp tables of K x 3 sums fit in shared
+// memory, about 2,400 labels in float32 and 1,200 in float64 on an H100 / H200, or under
+// torch.use_deterministic_algorithms(True); beyond, without it, double atomics at run flushes),
+// and the finalisation runs on the device (no sync with max_label). The same numbers as the fused CPU
 // kernels, which the tests hold it to on the CPU through BLOBBENCH_DICE_CE=composite.
 
 bool use_ce_composite(const DeviceKernels& kernels) {
-  if (!kernels.fused_ce) return true;
+  if (!kernels.fused_ce()) return true;
   const char* env = std::getenv("BLOBBENCH_DICE_CE");
   return env != nullptr && std::string(env) == "composite";
 }
@@ -547,8 +575,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward_composite(
   const int64_t B = input.size(0), C = input.size(1), K = range.K;
   at::Tensor labels = as_planes(range.labels);
   // The per-label BCE sums, by the same device's accumulate kernel run on each voxel's BCE as a
-  // "probability" (activation none): its sum column is the BCE sum, in the kernel's fixed,
-  // deterministic order (an index_add would use atomics on CUDA).
+  // "probability" (activation none): its sum column is the BCE sum, in the kernel's order: fixed
+  // (bitwise reproducible) whenever that kernel's is, i.e. on CUDA while its warp tables fit in
+  // shared memory (K up to ~2,400 in float32, ~1,200 in float64 on an H100 / H200) or under
+  // deterministic algorithms; beyond that without them it uses double atomics, as the Dice sums.
+  // (An index_add would use atomics on CUDA at any K.)
   at::Tensor x = as_planes(input).to(acc_dtype(input.scalar_type()));
   auto bce = voxel_bce(x, labels.gt(0), prm);
   LossParams sums = dice;
@@ -837,6 +868,15 @@ TORCH_LIBRARY(blob, m) {
                       name, "'");
     return cuda_path_enabled(name);
   });
+  // plan_warp_rows (the CUDA deterministic accumulate's row budget), for the CPU tests:
+  // (planes, row_bytes, warps, blocks, budget) -> [blocks, planes_per_launch].
+  m.def("_warp_row_plan(int planes, int row_bytes, int warps, int blocks, int budget) -> int[]",
+        [](int64_t planes, int64_t row_bytes, int64_t warps, int64_t blocks, int64_t budget) {
+          TORCH_CHECK_VALUE(planes > 0 && row_bytes > 0 && warps > 0 && blocks > 0 && budget > 0,
+                            "blob._warp_row_plan: every argument must be > 0");
+          const WarpRowPlan p = plan_warp_rows(planes, row_bytes, warps, blocks, budget);
+          return std::vector<int64_t>{p.blocks, p.planes_per_launch};
+        });
   // Public operators.
   m.def(
       "dice(Tensor input, Tensor instances, float alpha=2.0, float beta=1.0, *, "

@@ -37,9 +37,10 @@ struct DeviceKernels {
   // Whether accumulate needs the `invalid` flag (devices that cannot raise without a sync).
   bool uses_invalid_flag;
   // Whether accumulate, finalize and backward also compute blob Dice+CE (prm.with_ce: 5 stats
-  // and 4 coefficients per label). Devices without run the Dice kernels and add the BCE with
-  // ATen ops and a host finalisation (dice_ce_forward_composite in blob_ops.cpp).
-  bool fused_ce;
+  // and 4 coefficients per label), asked at each call (CUDA: the opt-in path fused_dice_ce).
+  // Where not, the device's Dice kernels run and the BCE is added with ATen ops
+  // (dice_ce_forward_composite in blob_ops.cpp).
+  bool (*fused_ce)();
 };
 
 // ---- opt-in CUDA paths (docs/design.md section 5.6, "Device code without a GPU") ------------
@@ -52,6 +53,23 @@ struct DeviceKernels {
 extern const char* const kCudaPathNames[];
 extern const int kNumCudaPaths;
 bool cuda_path_enabled(const std::string& name);
+
+// Deterministic CUDA accumulate with a label range too large for shared memory: one zeroed row
+// of `row_bytes` per warp (`warps` per block) in global memory. plan_warp_rows keeps all rows
+// within `budget` bytes: it cuts `blocks` (blocks per plane wanted, >= 1) so that every plane
+// fits one launch, and when even one block per plane does not, it runs one block per plane with
+// the planes in chunks of planes_per_launch, one launch each (at least one plane: a plane whose
+// rows alone exceed the budget runs alone, the one case left above it). Each plane's additions
+// and their order depend only on `blocks`, so chunking changes no bit. Plain C++, tested on the
+// CPU through blob::_warp_row_plan. warp_rows_budget(): 256 MiB, or the test-only environment
+// variable BLOBBENCH_WARP_ROWS_BUDGET (bytes) that lets a small CUDA test reach the chunking.
+struct WarpRowPlan {
+  int64_t blocks;             // blocks per plane
+  int64_t planes_per_launch;  // planes of one launch (the last launch may have fewer)
+};
+WarpRowPlan plan_warp_rows(int64_t planes, int64_t row_bytes, int64_t warps, int64_t blocks,
+                           int64_t budget);
+int64_t warp_rows_budget();
 
 // Serial finalisation on host memory (CPU kernel, and the reference for the CUDA one).
 void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const LossParams& prm,

@@ -124,8 +124,10 @@ bool backward_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at:
   return ok;
 }
 
+bool cpu_fuses_dice_ce() { return true; }
+
 const DeviceKernels kCpuKernels{&accumulate_cpu, &finalize_cpu, &backward_cpu,
-                                /*uses_invalid_flag=*/false, /*fused_ce=*/true};
+                                /*uses_invalid_flag=*/false, /*fused_ce=*/&cpu_fuses_dice_ce};
 
 }  // namespace
 

@@ -55,6 +55,27 @@ __device__ __forceinline__ acc_t activate(acc_t x, int32_t act) {
   return act == kSigmoid ? acc_t(1) / (acc_t(1) + act_exp(-x)) : x;
 }
 
+// One step of the online softmax over the channels of a position: mx and z are the max and the
+// sum of exp(. - mx) so far, v the next logit. INF = false is the default update,
+// z * exp(mx - m) + exp(v - m), which is NaN when v and mx are both -inf (mx starts at -inf, so
+// a -inf logit before the first finite one poisons z). INF = true (opt-in path `softmax_inf`):
+// the same values for finite logits (z * exp(mx - v) + exp(0), or z * exp(0) + exp(v - mx)), and
+// a -inf logit adds exactly 0. A position whose logits are all -inf keeps z = 0, and its p =
+// exp(x - mx) / z is NaN, as torch.softmax gives; a +inf logit gives NaN too, as in torch.
+template <bool INF, typename acc_t>
+__device__ __forceinline__ void softmax_step(acc_t& mx, acc_t& z, acc_t v) {
+  if (!INF) {
+    const acc_t m = v > mx ? v : mx;
+    z = z * act_exp(mx - m) + act_exp(v - m);
+    mx = m;
+  } else if (v > mx) {
+    z = z * act_exp(mx - v) + acc_t(1);
+    mx = v;
+  } else {
+    z += v == acc_t(-INFINITY) ? acc_t(0) : act_exp(v - mx);  // a NaN v stays NaN
+  }
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll

@@ -31,6 +31,7 @@
 
 #include "../blob_ops.h"
 #include "accumulate_common.cuh"
+#include "dice_ce.h"
 
 namespace blob {
 namespace {
@@ -97,7 +98,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Softmax over C. Grid (blocks per batch element, B); a table row holds all C channels, keyed
 // c * K + k. Channel 0's label is derived: 1 where no other channel has an instance.
-template <typename scalar_t, typename label_t, bool SHARED>
+// INF: the online softmax of the opt-in path softmax_inf (softmax_step).
+template <typename scalar_t, typename label_t, bool SHARED, bool INF = false>
 __global__ void __launch_bounds__(kThreads)
     accumulate_softmax_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ labels,
                               int64_t C, int64_t V, int64_t K, bool squared, TableArgs ta,
@@ -125,12 +127,8 @@ __global__ void __launch_bounds__(kThreads)
       z[j] = 0;
       any[j] = false;
       if (i < V) {
-        for (int64_t c = 0; c < C; ++c) {  // online max and sum
-          const acc_t v = acc_t(xb[c * V + i]);
-          const acc_t m = v > mx[j] ? v : mx[j];
-          z[j] = z[j] * act_exp(mx[j] - m) + act_exp(v - m);
-          mx[j] = m;
-        }
+        for (int64_t c = 0; c < C; ++c)  // online max and sum
+          softmax_step<INF, acc_t>(mx[j], z[j], acc_t(xb[c * V + i]));
       }
     }
     for (int64_t cc = 1; cc <= C; ++cc) {
@@ -314,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Softmax. Grid (blocks per batch element, B). Per position: the channel max and sum, the
 // per-channel dL/dp, their p-weighted sum, then the gradient of every channel.
-template <typename scalar_t, typename label_t>
+template <typename scalar_t, typename label_t, bool INF = false>
 __global__ void __launch_bounds__(kThreads)
     backward_softmax_kernel(const double* __restrict__ grad_out, const scalar_t* __restrict__ x,
                             const label_t* __restrict__ labels, const double* __restrict__ coef,
@@ -335,10 +333,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t mx = -INFINITY, z = 0;
     bool any = false;
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t v = acc_t(xb[c * V + i]);
-      const acc_t m = v > mx ? v : mx;
-      z = z * act_exp(mx - m) + act_exp(v - m);
-      mx = m;
+      softmax_step<INF, acc_t>(mx, z, acc_t(xb[c * V + i]));
       if (c > 0) any = any || lb[c * V + i] != 0;
     }
     const acc_t inv_z = acc_t(1) / z;
@@ -398,45 +393,65 @@ void launch_accumulate(const at::Tensor& input, const at::Tensor& labels, const 
   const int64_t planes = softmax ? B : B * C;
   const int64_t entries = (softmax ? C : 1) * K * kNumStats;
   const auto* props = at::cuda::getCurrentDeviceProperties();
+  const bool inf = softmax && cuda_path_enabled("softmax_inf");
+  auto softmax_kernel = inf ? accumulate_softmax_kernel<in_t, lab_t, SHARED, true>
+                            : accumulate_softmax_kernel<in_t, lab_t, SHARED, false>;
+  // The launch geometry is the default kernel's also for softmax_inf (whose kernel uses more
+  // registers, so fewer resident blocks): the same blocks per plane, the same bits for finite
+  // logits. The INF kernel only needs the opt-in to more than 48 KB of shared memory.
   const int per_sm =
-      softmax
-          ? blocks_per_sm(accumulate_softmax_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0)
-          : blocks_per_sm(accumulate_elementwise_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0);
+      softmax ? blocks_per_sm(accumulate_softmax_kernel<in_t, lab_t, SHARED, false>,
+                              SHARED ? smem : 0)
+              : blocks_per_sm(accumulate_elementwise_kernel<in_t, lab_t, SHARED>, SHARED ? smem : 0);
+  if (inf && SHARED && smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(softmax_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  }
   const int64_t target = int64_t(per_sm) * props->multiProcessorCount;
   const int64_t max_blocks = std::max<int64_t>(1, ceil_div(V, int64_t(kTile) * kWarps));
   int64_t blocks = std::min(max_blocks, std::max<int64_t>(1, ceil_div(target, planes)));
+  int64_t chunk = planes;  // planes per launch
   at::Tensor partial;
   const auto acc_dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
   if (SHARED) {
     partial = at::empty({planes * blocks * entries}, input.options().dtype(acc_dtype));
   } else if (!atomics) {
-    // Deterministic, large label range: one zeroed row per warp, at most ~256 MB of rows.
-    const int64_t budget_rows = (int64_t(256) << 20) / (planes * entries * int64_t(sizeof(acc_t)));
-    blocks = std::max<int64_t>(1, std::min(blocks, budget_rows / kWarps));
-    partial = at::zeros({planes * blocks * kWarps * entries}, input.options().dtype(acc_dtype));
+    // Deterministic, large label range: one zeroed row per warp, within warp_rows_budget()
+    // (256 MiB): fewer blocks per plane, and the planes in chunks, one launch each, when even one
+    // block per plane is too much. Each plane's arithmetic and its order are the same either way.
+    const WarpRowPlan plan =
+        plan_warp_rows(planes, entries * int64_t(sizeof(acc_t)), kWarps, blocks, warp_rows_budget());
+    blocks = plan.blocks;
+    chunk = plan.planes_per_launch;
+    partial = at::zeros({chunk * blocks * kWarps * entries}, input.options().dtype(acc_dtype));
   }
-  TableArgs ta{partial.defined() ? partial.data_ptr() : nullptr, stats.data_ptr<double>(), entries,
-               atomics};
+  const int64_t plane_stride = (softmax ? C : 1) * V;  // voxels of one plane (all channels)
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid{static_cast<unsigned>(blocks), static_cast<unsigned>(planes)};
-  if (softmax) {
-    accumulate_softmax_kernel<in_t, lab_t, SHARED><<<grid, kThreads, SHARED ? smem : 0, stream>>>(
-        input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), C, V, K, uses_pow(prm), ta,
-        invalid.data_ptr<int>());
-  } else {
-    accumulate_elementwise_kernel<in_t, lab_t, SHARED>
-        <<<grid, kThreads, SHARED ? smem : 0, stream>>>(
-            input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), V, K, prm.activation, uses_pow(prm),
-            ta, invalid.data_ptr<int>());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (partial.defined()) {
-    const int64_t rows = SHARED ? blocks : blocks * kWarps;
-    const int64_t n = planes * entries;
-    reduce_rows_kernel<acc_t><<<unsigned(ceil_div(n, 256)), 256, 0, stream>>>(
-        static_cast<const acc_t*>(partial.data_ptr()), planes, rows, entries,
-        stats.data_ptr<double>());
+  for (int64_t p0 = 0; p0 < planes; p0 += chunk) {
+    const int64_t n = std::min(chunk, planes - p0);
+    if (p0 > 0) partial.zero_();
+    TableArgs ta{partial.defined() ? partial.data_ptr() : nullptr,
+                 stats.data_ptr<double>() + p0 * entries, entries, atomics};
+    const in_t* x = input.data_ptr<in_t>() + p0 * plane_stride;
+    const lab_t* lab = labels.data_ptr<lab_t>() + p0 * plane_stride;
+    const dim3 grid{static_cast<unsigned>(blocks), static_cast<unsigned>(n)};
+    if (softmax) {
+      softmax_kernel<<<grid, kThreads, SHARED ? smem : 0, stream>>>(
+          x, lab, C, V, K, uses_pow(prm), ta, invalid.data_ptr<int>());
+    } else {
+      accumulate_elementwise_kernel<in_t, lab_t, SHARED>
+          <<<grid, kThreads, SHARED ? smem : 0, stream>>>(x, lab, V, K, prm.activation,
+                                                          uses_pow(prm), ta,
+                                                          invalid.data_ptr<int>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (partial.defined()) {
+      const int64_t rows = SHARED ? blocks : blocks * kWarps;
+      reduce_rows_kernel<acc_t><<<unsigned(ceil_div(n * entries, 256)), 256, 0, stream>>>(
+          static_cast<const acc_t*>(partial.data_ptr()), n, rows, entries,
+          stats.data_ptr<double>() + p0 * entries);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
 }
 
@@ -449,6 +464,8 @@ bool accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
   TORCH_CHECK_VALUE(input.size(0) <= 65535 && input.size(0) * input.size(1) <= 65535, op,
                     " (CUDA): B * C must be at most 65535, got ",
                     num(input.size(0) * input.size(1)));
+  // Blob Dice+CE reaches the kernels only on the opt-in path fused_dice_ce (cuda_fuses_dice_ce).
+  if (prm.with_ce) return accumulate_cuda_ce(input, labels, prm, K, stats, invalid_flag);
   at::Tensor invalid = invalid_flag;
   const int64_t C = input.size(1);
   const size_t acc_size = input.scalar_type() == at::kDouble ? 8 : 4;
@@ -473,6 +490,10 @@ bool accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
 // The combine kernel writes a float64 loss; a float32 output is converted by one copy.
 void finalize_cuda(const at::Tensor& stats, const at::Tensor& invalid, const LossParams& prm,
                    at::Tensor& loss_out, at::Tensor& coef, const char* /*op*/) {
+  if (prm.with_ce || cuda_path_enabled("parallel_finalize")) {
+    finalize_cuda_parallel(stats, invalid, prm, loss_out, coef);  // dice_ce_kernel.cu
+    return;
+  }
   at::Tensor loss =
       loss_out.scalar_type() == at::kDouble ? loss_out : at::empty({}, stats.options());
   const c10::cuda::CUDAGuard guard(stats.device());
@@ -504,6 +525,7 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t B = input.size(0), C = input.size(1), V = input.size(2), K = coef.size(2);
   TORCH_CHECK_VALUE(B * C <= 65535, op, " (CUDA): B * C must be at most 65535, got ", num(B * C));
+  if (prm.with_ce) return backward_cuda_ce(grad_out, input, labels, coef, prm, grad_input);
   const bool softmax = prm.activation == kSoftmax;
   const int64_t planes = softmax ? B : B * C;
   const int64_t n_coef = (softmax ? C : 1) * K;
@@ -527,8 +549,9 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
     } else {
       const int64_t blocks = std::min(ceil_div(V, int64_t(kThreads)),
                                       std::max<int64_t>(1, ceil_div(int64_t(sms) * 8, planes)));
-      backward_softmax_kernel<in_t, lab_t>
-          <<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
+      auto kernel = cuda_path_enabled("softmax_inf") ? backward_softmax_kernel<in_t, lab_t, true>
+                                                     : backward_softmax_kernel<in_t, lab_t, false>;
+      kernel<<<dim3(unsigned(blocks), unsigned(planes)), kThreads, smem, stream>>>(
               go.data_ptr<double>(), input.data_ptr<in_t>(), labels.data_ptr<lab_t>(),
               coef.data_ptr<double>(), C, V, K, prm.squared_pred, staged,
               grad_input.data_ptr<in_t>());
@@ -538,10 +561,13 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
   return true;
 }
 
-// fused_ce = false: blob Dice+CE runs these Dice kernels and adds the cross-entropy with ATen
-// ops (blob_ops.cpp, dice_ce_forward_composite) until a fused CUDA kernel is verified on a GPU.
+// By default blob Dice+CE runs these Dice kernels and adds the cross-entropy with ATen ops
+// (blob_ops.cpp, dice_ce_forward_composite); the fused kernels of dice_ce_kernel.cu only on the
+// opt-in path fused_dice_ce, until they are verified on a GPU.
+bool cuda_fuses_dice_ce() { return cuda_path_enabled("fused_dice_ce"); }
+
 const DeviceKernels kCudaKernels{&accumulate_cuda, &finalize_cuda, &backward_cuda,
-                                 /*uses_invalid_flag=*/true, /*fused_ce=*/false};
+                                 /*uses_invalid_flag=*/true, /*fused_ce=*/&cuda_fuses_dice_ce};
 
 }  // namespace
 

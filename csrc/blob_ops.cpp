@@ -346,7 +346,10 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   return a;
 }
 
+}  // namespace
+
 // ---- opt-in CUDA paths ------------------------------------------------------------------------
+// (outside the anonymous namespace: declared in blob_ops.h, called from the .cu files)
 
 const char* const kCudaPathNames[] = {
     "vector_loads",       // accumulate with 16-byte loads, prefetch and exact integer counts
@@ -388,6 +391,8 @@ bool cuda_path_enabled(const std::string& name) {
   }
   return on;
 }
+
+namespace {
 
 // ---- Dice+CE on devices without fused CE kernels ---------------------------------------------
 // (CUDA for now: its kernels compute the Dice sums and the Dice gradient only.) The Dice part

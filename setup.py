@@ -95,7 +95,10 @@ def _extension():
             sources,
             include_dirs=include_dirs + _pip_cuda_includes(),
             define_macros=[("BLOB_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            # --diag_suppress=3189: torch's headers use "module" as an identifier, which nvcc (C++20
+            # modules) warns about once per translation unit ("parsed as an identifier").
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                                                           "-Xcudafe", "--diag_suppress=3189"]},
             extra_link_args=["-fopenmp"],
         )
     print(
@@ -111,8 +114,45 @@ def _extension():
 # ninja prints each finished step with its count and the elapsed time (shown with pip -v).
 os.environ.setdefault("NINJA_STATUS", "[%f/%t, %es] ")
 
+_ANNOUNCE = ('{ echo "blobbench: compiling $in (started $$(date +%T))" >/proc/$$PPID/fd/1; } 2>/dev/null; ')
+
+
+def _announcing(write_ninja_file):
+    """torch's ``_write_ninja_file``, then each compile rule of the build.ninja it wrote is made to
+    say which source it starts compiling. ninja shows a command's output only when it finishes
+    (a CUDA file takes minutes), so the line goes straight to ninja's own stdout (``$PPID`` is
+    ninja; Linux's /proc; elsewhere it is silently skipped)."""
+    def write(path, *args, **kwargs):
+        write_ninja_file(path, *args, **kwargs)
+        with open(path) as fh:
+            lines = fh.read().split("\n")
+        rule = None
+        for i, line in enumerate(lines):
+            if line.startswith("rule "):
+                rule = line.split()[1]
+            elif rule in ("compile", "cuda_compile") and line.startswith("  command = "):
+                lines[i] = "  command = " + _ANNOUNCE + line[len("  command = "):]
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines))
+    return write
+
+
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension (ninja), saying which source it compiles when the compiler starts."""
+
+    def build_extensions(self):
+        import torch.utils.cpp_extension as cpp_extension
+
+        original = cpp_extension._write_ninja_file
+        cpp_extension._write_ninja_file = _announcing(original)
+        try:
+            super().build_extensions()
+        finally:
+            cpp_extension._write_ninja_file = original
+
+
 setup(
     packages=find_packages(include=["blobbench", "blobbench.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
 )

@@ -151,3 +151,46 @@ class HostCostProxy:
         return host_cost_proxy(reps=15, inner=100, threads=1)["ratio"]
 
     track_ratio.unit = "ratio"
+
+
+class GenerousMaxLabel:
+    """What a generous ``max_label`` costs on the CPU (issue 19 item 4): forward + backward of
+    ``blob_dice`` on a 2x1x32x64x64 float32 batch with 39 small blobs (ids 1..20 and 1..19),
+    ``max_label=10**6`` against the exact bound (20). On the CPU a sync costs nothing, so the bound
+    should not matter: ``track_ratio`` is the ratio of the medians of interleaved repetitions,
+    generous / exact (target: at most 1.25); the ``time_`` benchmarks are its two sides."""
+    timeout = 300
+    GENEROUS = 10**6
+
+    def setup(self):
+        inst = torch.stack([torch.from_numpy(grid_instances((32, 64, 64), n, seed=s))[None]
+                            for s, n in ((0, 20), (1, 19))])
+        self.inst = inst
+        self.exact = int(inst.max())
+        self.x = logits_like(inst, 0).requires_grad_(True)
+        for ml in (self.exact, self.GENEROUS):  # warm-up: lazy init, allocator
+            self._step(ml)
+
+    def _step(self, max_label):
+        self.x.grad = None
+        blobbench.blob_dice(self.x, self.inst, max_label=max_label).backward()
+
+    def time_exact_max_label(self):
+        self._step(self.exact)
+
+    def time_generous_max_label(self):
+        self._step(self.GENEROUS)
+
+    def track_ratio(self, reps=21):
+        import statistics
+        import time
+
+        times = {self.exact: [], self.GENEROUS: []}
+        for r in range(reps):
+            for ml in ((self.exact, self.GENEROUS) if r % 2 == 0 else (self.GENEROUS, self.exact)):
+                t0 = time.perf_counter()
+                self._step(ml)
+                times[ml].append(time.perf_counter() - t0)
+        return statistics.median(times[self.GENEROUS]) / statistics.median(times[self.exact])
+
+    track_ratio.unit = "ratio"

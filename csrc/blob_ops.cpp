@@ -22,6 +22,9 @@
 
 #include <ATen/Parallel.h>
 #include <Python.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -41,6 +44,62 @@ std::string shape(at::IntArrayRef sizes) {
 
 int64_t dense_label_limit(int64_t voxels_per_plane) {
   return std::max<int64_t>(int64_t(1) << 16, voxels_per_plane / 8);
+}
+
+// ---- opt-in CUDA paths ------------------------------------------------------------------------
+
+const char* const kCudaPathNames[] = {
+    "vector_loads",       // accumulate with 16-byte loads, prefetch and exact integer counts
+    "coop_forward",       // the whole forward in one cooperative launch (two-launch fallback)
+    "split_forward",      // forces the two-launch fallback of coop_forward (accumulate, then finish)
+    "fused_dice_ce",      // blob Dice+CE in the accumulate/backward kernels (default: composite)
+    "softmax_inf",        // online softmax that accepts -inf logits (default: NaN for a -inf)
+    "parallel_finalize",  // finalisation parallel over labels (default: one block per plane)
+};
+const int kNumCudaPaths = int(sizeof(kCudaPathNames) / sizeof(kCudaPathNames[0]));
+
+bool cuda_path_enabled(const std::string& name) {
+  bool known = false;
+  for (int i = 0; i < kNumCudaPaths; ++i) known = known || name == kCudaPathNames[i];
+  TORCH_INTERNAL_ASSERT(known, "cuda_path_enabled: unknown path ", name);
+  const char* env = std::getenv("BLOBBENCH_CUDA_PATHS");
+  if (env == nullptr || *env == '\0') return false;
+  bool on = false;
+  const std::string list(env);
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    std::string token = list.substr(start, end - start);
+    token.erase(0, token.find_first_not_of(" \t"));
+    token.erase(token.find_last_not_of(" \t") + 1);
+    if (!token.empty()) {
+      bool valid = token == "all";
+      for (int i = 0; i < kNumCudaPaths; ++i) valid = valid || token == kCudaPathNames[i];
+      if (!valid) {
+        std::string names = "all";
+        for (int i = 0; i < kNumCudaPaths; ++i) names += std::string(", ") + kCudaPathNames[i];
+        TORCH_CHECK_VALUE(false, "BLOBBENCH_CUDA_PATHS: unknown CUDA path '", token,
+                          "'; expected a comma-separated list of: ", names);
+      }
+      // "all" is every path but split_forward, which only forces the fallback of coop_forward.
+      on = on || (token == "all" && name != "split_forward") || token == name;
+    }
+    start = end + 1;
+  }
+  return on;
+}
+
+int64_t cuda_forced_blocks_per_plane() {
+  const char* env = std::getenv("BLOBBENCH_CUDA_BLOCKS_PER_PLANE");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string value(env);
+  const bool digits = value.size() <= 9 && value.find_first_not_of("0123456789") == std::string::npos;
+  TORCH_CHECK_VALUE(digits && std::stoll(value) > 0,
+                    "BLOBBENCH_CUDA_BLOCKS_PER_PLANE: expected a positive number of blocks per "
+                    "plane (at most 9 digits), got '",
+                    value, "'");
+  return std::stoll(value);
 }
 
 namespace {
@@ -118,8 +177,9 @@ void check_inputs(const at::Tensor& input, const at::Tensor& instances, int32_t 
 struct LabelRange {
   at::Tensor labels;     // what the kernels read: the instances, or compacted ids (int64)
   at::Tensor label_ids;  // (B, C, K) sorted ids per plane when compacted, else (B, C, 0)
-  int64_t K;             // table size
+  int64_t K;             // table size the kernels work on
   int64_t bound;         // ids must lie in [0, bound) (bound <= K)
+  int64_t out_K;         // table size returned (>= K; > K where the CPU sized its work by the ids)
 };
 
 // Labels whose range matters: the instances, or for softmax all channels but 0 (whose target
@@ -151,6 +211,47 @@ at::Tensor compaction_source(const at::Tensor& instances, int32_t activation) {
   return src.reshape({B * C, -1});
 }
 
+// The smallest and largest id the tables see (read_labels), with one device-to-host copy.
+std::pair<int64_t, int64_t> id_range(const at::Tensor& instances, int32_t activation) {
+  auto mm = at::aminmax(read_labels(instances, activation));
+  at::Tensor both = at::stack({std::get<0>(mm).to(at::kLong), std::get<1>(mm).to(at::kLong)}).cpu();
+  return {both[0].item<int64_t>(), both[1].item<int64_t>()};
+}
+
+// Raises on ids outside [0, max_label] (max_label < 0: no upper bound), saying which it was: a
+// negative id, naming the smallest, or an id above max_label, naming the largest.
+void check_id_range(int64_t lo, int64_t hi, int64_t max_label, const char* op) {
+  TORCH_CHECK_VALUE(lo >= 0, op,
+                    ": `instances` must be >= 0 (0 = background), found a negative id (the "
+                    "smallest is ",
+                    num(lo), ")");
+  TORCH_CHECK_VALUE(max_label < 0 || hi <= max_label, op,
+                    ": `instances` holds an id above max_label (the largest is ", num(hi),
+                    ", max_label = ", num(max_label), ")");
+}
+
+// A dense table of ids 0..max_id (max_id: max_label, or the largest id present). softmax stores
+// its derived background in label 1 of channel 0, so its table has at least 2 labels.
+LabelRange dense_range(const at::Tensor& instances, int32_t activation, int64_t max_id) {
+  const int64_t B = instances.size(0), C = instances.size(1);
+  LabelRange r;
+  r.labels = instances;
+  r.label_ids = at::empty({B, C, 0}, instances.options());
+  r.bound = max_id + 1;
+  r.K = activation == kSoftmax ? std::max<int64_t>(r.bound, 2) : r.bound;
+  r.out_K = r.K;
+  return r;
+}
+
+// Whether the CPU sizes a caller-bounded dense table by the ids present rather than by
+// max_label: when the table would be large against the plane (more than 1024 labels and more
+// than one per 64 voxels). One aminmax over the ids (a read of the labels, and no sync on the
+// CPU) then replaces the zeroing, finalisation and coefficients of max_label + 1 labels per
+// plane: a generous max_label costs about what the exact one does (docs/design.md, 5.2).
+bool size_by_ids_present(const at::Tensor& instances, int64_t K, int64_t voxels_per_plane) {
+  return instances.is_cpu() && K > 1024 && K > voxels_per_plane / 64;
+}
+
 // Sparse, large ids (e.g. a crop of a volume labelled as a whole): a dense table would be
 // larger than the data, so each (b, c) plane's ids are mapped to 0..U-1 with a sort (0 is
 // always in the table, at index 0). Costs a sort and one device-to-host sync; the backward
@@ -168,10 +269,7 @@ LabelRange compact_labels(const at::Tensor& instances, int32_t activation, int64
   at::Tensor summary = at::stack({sorted.select(1, 0).min().to(at::kLong),
                                   sorted.select(1, V).max().to(at::kLong), rank.select(1, V).max()})
                            .cpu();
-  const int64_t lo = summary[0].item<int64_t>(), hi = summary[1].item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
-  TORCH_CHECK_VALUE(max_label < 0 || hi <= max_label, op, ": `instances` holds id ", num(hi),
-                    " above max_label = ", num(max_label));
+  check_id_range(summary[0].item<int64_t>(), summary[1].item<int64_t>(), max_label, op);
   const int64_t K = std::max<int64_t>(summary[2].item<int64_t>() + 1, 2);
   // Each plane's row: its distinct ids in order, padded with its largest id (searchsorted then
   // still returns the first, true, index of that id).
@@ -184,6 +282,7 @@ LabelRange compact_labels(const at::Tensor& instances, int32_t activation, int64
   r.label_ids = ids.view({B, C, K});
   r.K = K;
   r.bound = K;
+  r.out_K = K;
   return r;
 }
 
@@ -191,33 +290,75 @@ LabelRange resolve_labels(const at::Tensor& instances, int32_t activation, int64
                           int64_t entries, const char* op) {
   const int64_t B = instances.size(0), C = instances.size(1);
   const int64_t V = instances.numel() / (B * C);
-  const bool softmax = activation == kSoftmax;
-  LabelRange r;
   if (max_label >= 0) {
-    if (dense_for_bound(max_label, B * C, V, entries)) {
-      // No sync. The CPU raises on an id outside [0, max_label]; CUDA makes the loss NaN.
-      r.labels = instances;
-      r.label_ids = at::empty({B, C, 0}, instances.options());
-      r.bound = max_label + 1;
-      // softmax stores its derived background in label 1 of channel 0
-      r.K = softmax ? std::max<int64_t>(r.bound, 2) : r.bound;
+    const bool dense = dense_for_bound(max_label, B * C, V, entries);
+    if (dense) {
+      LabelRange r = dense_range(instances, activation, max_label);
+      if (!size_by_ids_present(instances, r.K, V)) {
+        // No sync. The CPU raises on an id outside [0, max_label]; CUDA makes the loss NaN.
+        return r;
+      }
+      // CPU, large table: the kernels work on the ids present; the tables returned keep
+      // max_label's size (what the fake kernels promise), zero beyond (widen_table).
+      const auto [lo, hi] = id_range(instances, activation);
+      check_id_range(lo, hi, max_label, op);
+      LabelRange used = dense_range(instances, activation, hi);
+      used.out_K = r.K;
+      return used;
+    }
+    if (!instances.is_cpu()) return compact_labels(instances, activation, max_label, op);
+    // CPU, a bound beyond the dense budget: a sync costs nothing there, so the ids present
+    // decide, as without max_label (a dense table when they fit), and max_label is checked.
+    const auto [lo, hi] = id_range(instances, activation);
+    check_id_range(lo, hi, max_label, op);
+    if (hi < dense_label_limit(V)) {
+      LabelRange r = dense_range(instances, activation, std::max<int64_t>(hi, 1));
+      r.bound = r.K;
       return r;
     }
     return compact_labels(instances, activation, max_label, op);
   }
   // One reduction and one device-to-host sync; max_label skips both.
-  auto mm = at::aminmax(read_labels(instances, activation));
-  at::Tensor both = at::stack({std::get<0>(mm).to(at::kLong), std::get<1>(mm).to(at::kLong)}).cpu();
-  const int64_t lo = both[0].item<int64_t>(), max_id = both[1].item<int64_t>();
-  TORCH_CHECK_VALUE(lo >= 0, op, ": `instances` must be >= 0 (0 = background), found ", num(lo));
+  const auto [lo, max_id] = id_range(instances, activation);
+  check_id_range(lo, max_id, -1, op);
   if (max_id < dense_label_limit(V)) {
-    r.labels = instances;
-    r.label_ids = at::empty({B, C, 0}, instances.options());
-    r.K = std::max<int64_t>(max_id + 1, 2);
+    LabelRange r = dense_range(instances, activation, std::max<int64_t>(max_id, 1));
     r.bound = r.K;
     return r;
   }
   return compact_labels(instances, activation, -1, op);
+}
+
+// A zero-filled float64 tensor. A large one on the CPU is an anonymous mapping, whose zero
+// pages the OS maps only when touched: a table of which only the first rows of each plane are
+// written costs what those rows cost (at::zeros would write every page).
+at::Tensor lazy_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__unix__) || defined(__APPLE__)
+  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(sizeof(double));
+  if (options.device().is_cpu() && bytes >= (int64_t(1) << 20)) {
+    void* p = mmap(nullptr, size_t(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                   0);
+    if (p != MAP_FAILED) {
+      return at::from_blob(
+          p, sizes, [bytes](void* q) { munmap(q, size_t(bytes)); },
+          options.dtype(at::kDouble));
+    }
+  }
+#endif
+  return at::zeros(sizes, options.dtype(at::kDouble));
+}
+
+// A (B, C, K, n) table of the kernels widened to the out_K labels the op returns: rows K..out_K-1
+// (ids above every id present) are zero. On the CPU the zero pages of a large table are mapped
+// lazily by the OS, so only the rows written cost anything.
+at::Tensor widen_table(const at::Tensor& t, int64_t out_K) {
+  const int64_t K = t.size(2);
+  if (K == out_K) return t;
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[2] = out_K;
+  at::Tensor out = lazy_zeros(sizes, t.options());
+  out.narrow(2, 0, K).copy_(t);
+  return out;
 }
 
 LossParams make_params(int32_t kind, double alpha, double beta, const std::string& activation,
@@ -343,20 +484,29 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   a.stats = at::empty({input.size(0), input.size(1), range.K, num_stats(prm)},
                       input.options().dtype(at::kDouble));
   ForwardStatus status = kForwardNotHandled;
+  // Planar views made once: as_planes copies a non-contiguous tensor, and both calls read them.
+  const at::Tensor in_planes = as_planes(input);
+  const at::Tensor label_planes = as_planes(range.labels);
   if (fused != nullptr && kernels.forward != nullptr) {
     fused->loss = at::empty({}, input.options().dtype(loss_dtype(input.scalar_type())));
     fused->coef = at::empty({input.size(0), input.size(1), range.K, num_coef(prm)},
                             input.options().dtype(at::kDouble));
-    status = kernels.forward(as_planes(input), as_planes(range.labels), prm, range.K, range.bound,
-                             a.stats, a.invalid, fused->loss, fused->coef, op);
+    status = kernels.forward(in_planes, label_planes, prm, range.K, range.bound, a.stats,
+                             a.invalid, fused->loss, fused->coef, op);
     fused->status = status;
   }
   if (status == kForwardNotHandled) {
     if (kernels.uses_invalid_flag) a.invalid = at::zeros({}, input.options().dtype(at::kInt));
-    const bool ok = kernels.accumulate(as_planes(input), as_planes(range.labels), prm, range.K,
-                                       range.bound, a.stats, a.invalid, op);
-    TORCH_CHECK_VALUE(ok, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
-                      num(range.bound - 1), "), or a negative id");
+    const bool ok = kernels.accumulate(in_planes, label_planes, prm, range.K, range.bound,
+                                       a.stats, a.invalid, op);
+    if (!ok) {
+      // Only the CPU gets here (CUDA flags instead), and only with a dense table sized by
+      // max_label (the other ranges were read from the ids): find what was wrong, and say it.
+      const auto [lo, hi] = id_range(range.labels, prm.activation);
+      check_id_range(lo, hi, range.bound - 1, op);
+      TORCH_CHECK_VALUE(false, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
+                        num(range.bound - 1), ")");
+    }
   }
   if (a.invalid.defined() && range.bound < range.K) {
     // Softmax with max_label = 0: the table holds 2 labels (channel 0's derived background is
@@ -367,66 +517,6 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   a.range = range;
   return a;
 }
-
-}  // namespace
-
-// ---- opt-in CUDA paths ------------------------------------------------------------------------
-// (outside the anonymous namespace: declared in blob_ops.h, called from the .cu files)
-
-const char* const kCudaPathNames[] = {
-    "vector_loads",       // accumulate with 16-byte loads, prefetch and exact integer counts
-    "coop_forward",       // the whole forward in one cooperative launch (two-launch fallback)
-    "split_forward",      // forces the two-launch fallback of coop_forward (accumulate, then finish)
-    "fused_dice_ce",      // blob Dice+CE in the accumulate/backward kernels (default: composite)
-    "softmax_inf",        // online softmax that accepts -inf logits (default: NaN for a -inf)
-    "parallel_finalize",  // finalisation parallel over labels (default: one block per plane)
-};
-const int kNumCudaPaths = int(sizeof(kCudaPathNames) / sizeof(kCudaPathNames[0]));
-
-bool cuda_path_enabled(const std::string& name) {
-  bool known = false;
-  for (int i = 0; i < kNumCudaPaths; ++i) known = known || name == kCudaPathNames[i];
-  TORCH_INTERNAL_ASSERT(known, "cuda_path_enabled: unknown path ", name);
-  const char* env = std::getenv("BLOBBENCH_CUDA_PATHS");
-  if (env == nullptr || *env == '\0') return false;
-  bool on = false;
-  const std::string list(env);
-  size_t start = 0;
-  while (start <= list.size()) {
-    size_t end = list.find(',', start);
-    if (end == std::string::npos) end = list.size();
-    std::string token = list.substr(start, end - start);
-    token.erase(0, token.find_first_not_of(" \t"));
-    token.erase(token.find_last_not_of(" \t") + 1);
-    if (!token.empty()) {
-      bool valid = token == "all";
-      for (int i = 0; i < kNumCudaPaths; ++i) valid = valid || token == kCudaPathNames[i];
-      if (!valid) {
-        std::string names = "all";
-        for (int i = 0; i < kNumCudaPaths; ++i) names += std::string(", ") + kCudaPathNames[i];
-        TORCH_CHECK_VALUE(false, "BLOBBENCH_CUDA_PATHS: unknown CUDA path '", token,
-                          "'; expected a comma-separated list of: ", names);
-      }
-      on = on || token == "all" || token == name;
-    }
-    start = end + 1;
-  }
-  return on;
-}
-
-int64_t cuda_forced_blocks_per_plane() {
-  const char* env = std::getenv("BLOBBENCH_CUDA_BLOCKS_PER_PLANE");
-  if (env == nullptr || *env == '\0') return 0;
-  const std::string value(env);
-  const bool digits = value.size() <= 9 && value.find_first_not_of("0123456789") == std::string::npos;
-  TORCH_CHECK_VALUE(digits && std::stoll(value) > 0,
-                    "BLOBBENCH_CUDA_BLOCKS_PER_PLANE: expected a positive number of blocks per "
-                    "plane (at most 9 digits), got '",
-                    value, "'");
-  return std::stoll(value);
-}
-
-namespace {
 
 // ---- Dice+CE on devices without fused CE kernels ---------------------------------------------
 // (CUDA for now: its kernels compute the Dice sums and the Dice gradient only.) The Dice part
@@ -563,7 +653,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dice_ce_forward_composite(
     loss.masked_fill_(invalid.ne(0), nan);
     coef.masked_fill_(invalid.ne(0), nan);
   }
-  return {loss, coef, range.label_ids};
+  return {loss, widen_table(coef, range.out_K), range.label_ids};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const DeviceKernels& kernels,
@@ -576,7 +666,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const DeviceKernels&
   }
   FusedForward fused;
   Accumulated a = accumulate_stats(kernels, input, instances, prm, max_label, op, nullptr, &fused);
-  if (fused.status == kForwardDone) return {fused.loss, fused.coef, a.range.label_ids};
+  if (fused.status == kForwardDone) {
+    return {fused.loss, widen_table(fused.coef, a.range.out_K), a.range.label_ids};
+  }
   auto loss = fused.loss.defined()
                   ? fused.loss
                   : at::empty({}, input.options().dtype(loss_dtype(input.scalar_type())));
@@ -585,7 +677,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const DeviceKernels&
                   : at::empty({input.size(0), input.size(1), a.stats.size(2), num_coef(prm)},
                               input.options().dtype(at::kDouble));
   kernels.finalize(a.stats, a.invalid, prm, loss, coef, op);
-  return {loss, coef, a.range.label_ids};
+  return {loss, widen_table(coef, a.range.out_K), a.range.label_ids};
 }
 
 // Validates every argument of a backward op (they can be called directly, e.g. by opcheck).
@@ -623,7 +715,12 @@ at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_ou
   check_backward_args(grad_out, input, instances, coef, label_ids, num_coef(prm), op);
   auto x = as_planes(input);
   auto lab = as_planes(table_labels(instances, label_ids, prm.activation));
-  auto grad_input = at::empty_like(x);
+  // The gradient has the input's strides, as the fake kernel says (blobbench/_ops.py) and as
+  // autograd prefers (a leaf's .grad is then used as is); the kernels write a contiguous one,
+  // copied into those strides when they differ (e.g. channels_last_3d).
+  at::Tensor out = at::empty_like(input);
+  const bool direct = out.is_contiguous();
+  at::Tensor grad_input = direct ? out.view(x.sizes()) : at::empty_like(x);
   const bool composite = prm.with_ce && use_ce_composite(kernels);
   LossParams dice = prm;
   if (composite) dice.with_ce = false;
@@ -652,7 +749,8 @@ at::Tensor loss_backward(const DeviceKernels& kernels, const at::Tensor& grad_ou
     g.mul_(grad_out.reshape({}).to(acc));
     grad_input.add_(g.to(grad_input.scalar_type()));
   }
-  return grad_input.view(input.sizes());
+  if (!direct) out.copy_(grad_input.view(input.sizes()));
+  return out;
 }
 
 }  // namespace
@@ -770,7 +868,7 @@ std::tuple<at::Tensor, at::Tensor> label_stats(const DeviceKernels& k, const at:
   if (a.invalid.defined()) {
     a.stats.masked_fill_(a.invalid.ne(0), std::numeric_limits<double>::quiet_NaN());
   }
-  return {a.stats, a.range.label_ids};
+  return {widen_table(a.stats, a.range.out_K), a.range.label_ids};
 }
 
 TORCH_LIBRARY(blob, m) {

@@ -54,12 +54,13 @@ struct DeviceKernels {
                            const char* op) = nullptr;
 };
 
-// ---- opt-in CUDA paths (docs/design.md section 5.6, "Landing device code") -----------------
+// ---- opt-in CUDA paths (docs/design.md section 5.6, "Device code without a GPU") ------------
 // CUDA code that has not yet run on a GPU lands behind an opt-in switch: it runs only when its
 // name is listed in the environment variable BLOBBENCH_CUDA_PATHS (comma separated; "all" turns
-// on every one), read at each call. The default path stays the one last verified on a GPU. An
-// unknown name raises a ValueError naming the variable and the known names, so a typo cannot
-// silently run the default. kCudaPathNames is the list (docs/design.md lists what each does).
+// on every one but split_forward, which only forces coop_forward's fallback), read at each call.
+// The default path stays the one last verified on a GPU. An unknown name raises a ValueError
+// naming the variable and the known names, so a typo cannot silently run the default.
+// kCudaPathNames is the list (docs/design.md lists what each does).
 extern const char* const kCudaPathNames[];
 extern const int kNumCudaPaths;
 bool cuda_path_enabled(const std::string& name);

@@ -275,6 +275,17 @@ def test_asv_host_cost_proxy_runs():
         s.teardown()
 
 
+def test_asv_generous_max_label_runs():
+    """The bookkeeping of the generous-max_label ratio (no timing is asserted)."""
+    s = asv_suite().GenerousMaxLabel()
+    s.setup()
+    assert s.exact == 20 and s.inst.shape == (2, 1, 32, 64, 64) and int((s.inst[1] > 0).sum()) > 0
+    s.time_generous_max_label()
+    assert s.x.grad is not None and torch.isfinite(s.x.grad).all()
+    s.time_exact_max_label()
+    assert s.track_ratio(reps=2) > 0
+
+
 def test_impls_agree_on_a_profile():
     x, inst = profile_batch("ms", seed=1, batch=1)
     ref = bench.loss_fn("naive")(x.double(), inst)

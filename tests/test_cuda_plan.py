@@ -18,6 +18,8 @@ def test_path_switch(monkeypatch):
     assert not torch.ops.blob._cuda_path_enabled("coop_forward")
     monkeypatch.setenv("BLOBBENCH_CUDA_PATHS", "all")
     assert torch.ops.blob._cuda_path_enabled("coop_forward")
+    # "all" runs coop_forward's one launch: split_forward only forces its fallback
+    assert not torch.ops.blob._cuda_path_enabled("split_forward")
     monkeypatch.delenv("BLOBBENCH_CUDA_PATHS")
     assert not torch.ops.blob._cuda_path_enabled("vector_loads")
 

@@ -206,8 +206,7 @@ def test_max_label_zero_rejects_id_one():
     x, lab = _case()
     with pytest.raises(
         ValueError,
-        match=r"blob\.dice: `instances` holds an id outside \[0, "
-        r"max_label\] \(max_label = 0\)",
+        match=r"^blob\.dice: `instances` holds an id above max_label \(the largest is 1, max_label = 0\)$",
     ):
         blob_dice(x, lab.clamp(max=1), max_label=0)
     # and with only background it is a valid bound
@@ -235,8 +234,55 @@ def test_generous_max_label_stays_dense_and_exact(device):
 def test_max_label_beyond_the_table_budget_compacts(device):
     x, lab = _case(device)
     _, coef, ids = _fwd(x, lab, max_label=10**12)
-    assert ids.shape[2] == coef.shape[2] > 0  # compacted: documented to sync
+    if device == "cpu":  # a sync costs nothing: the ids present decide, as without max_label
+        assert ids.shape == (2, 1, 0) and coef.shape[2] == int(lab.max()) + 1
+    else:
+        assert ids.shape[2] == coef.shape[2] > 0  # compacted: documented to sync
     assert rel_err(blob_dice(x, lab, max_label=10**12), blob_dice(x, lab)) <= 1e-12
+
+
+def _generous_case(activation):
+    rng = np.random.default_rng(7)
+    C = 3 if activation == "softmax" else 2
+    lab = random_instances(rng, (2, C, 6, 12, 12), 8, empty_prob=0.0, dtype=torch.int32)
+    x = torch.randn(lab.shape, generator=torch.Generator().manual_seed(7))
+    if activation == "none":
+        x = x.sigmoid()
+    read = lab[:, 1:] if activation == "softmax" else lab
+    return x, lab, int(read.max())
+
+
+# max_label=10**6: a dense table the CPU sizes by the ids present; 10**12: beyond the budget.
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax", "none"])
+@pytest.mark.parametrize("generous", [10**6, 10**12])
+def test_generous_max_label_gives_the_exact_bits_on_cpu(activation, generous):
+    x, lab, exact = _generous_case(activation)
+    losses = [(blob_dice, {}), (blob_tversky, {})]
+    if activation != "softmax":
+        losses.append((blobbench.blob_dice_ce, dict(lambda_ce=0.7)))
+    for fn, opts in losses:
+        opts = dict(opts, activation=activation, spatial_dims=3)
+        want = loss_and_grad(fn, x, lab, max_label=exact, **opts)
+        got = loss_and_grad(fn, x, lab, max_label=generous, **opts)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), fn.__name__
+    if activation == "sigmoid":
+        oracle = loss_and_grad(naive_blob_dice, x.double(), lab)
+        got = loss_and_grad(blob_dice, x.double(), lab, max_label=generous, spatial_dims=3)
+        assert rel_err(got[0], oracle[0]) <= 1e-10 and rel_err(got[1], oracle[1]) <= 1e-8
+
+
+def test_generous_max_label_keeps_the_table_sizes_on_cpu():
+    """The tables keep max_label's size (what the fake kernels promise torch.compile); the rows of
+    ids above every id present are zero."""
+    x, lab, exact = _generous_case("sigmoid")
+    _, coef, ids = _fwd(x, lab, max_label=10**6)
+    _, want, _ = _fwd(x, lab, max_label=exact)
+    assert coef.shape == (2, 2, 10**6 + 1, 2) and ids.shape == (2, 2, 0)
+    assert torch.equal(coef[:, :, : exact + 1], want) and not coef[:, :, exact + 1 :].any()
+    stats, _ = torch.ops.blob.label_stats(x, lab, max_label=10**6)
+    want, _ = torch.ops.blob.label_stats(x, lab, max_label=exact)
+    assert stats.shape == (2, 2, 10**6 + 1, 3)
+    assert torch.equal(stats[:, :, : exact + 1], want) and not stats[:, :, exact + 1 :].any()
 
 
 # ---- 4. compaction is per (b, c) plane ----------------------------------------------------------
@@ -342,13 +388,13 @@ def test_first_order_gradient_under_create_graph_is_still_right(device):
 def test_range_errors_name_the_op(loss_fn, name):
     x, lab = _case()
     lab[0, 0, 0, 0, 0] = 9
-    with pytest.raises(ValueError, match=rf"^blob\.{name}: `instances` holds an id outside"):
+    with pytest.raises(ValueError, match=rf"^blob\.{name}: `instances` holds an id above max_label \(the largest is 9, max_label = 5\)$"):
         loss_fn(x, lab, max_label=5)
 
 
 def test_label_stats_errors_name_label_stats():
     x, lab = _case()
-    with pytest.raises(ValueError, match=r"^blob\.label_stats: `instances` holds an id outside"):
+    with pytest.raises(ValueError, match=r"^blob\.label_stats: `instances` holds an id above max_label \(the largest is 3, max_label = 1\)$"):
         torch.ops.blob.label_stats(x, lab, max_label=1)
 
 
@@ -443,3 +489,40 @@ def test_backward_runs_no_python(loss_fn):
         sys.setprofile(None)
     assert calls == [], calls
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---- issue 19 item 4: the backward's strides are the fake kernel's -------------------------------
+
+
+@pytest.mark.parametrize("loss", ["dice", "tversky", "dice_ce"])
+def test_channels_last_3d_input_compiles_and_matches_eager_and_the_loop(loss):
+    """The backward ops return a gradient with the input's strides, as their fake kernels say, so
+    torch.compile's stride checks hold for a channels_last_3d input."""
+    torch._dynamo.reset()
+    rng = np.random.default_rng(5)
+    lab = random_instances(rng, (2, 3, 4, 6, 5), 4, empty_prob=0.0, dtype=torch.int64)
+    base = torch.randn(lab.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = base.to(memory_format=torch.channels_last_3d)
+    assert not x.is_contiguous()
+    fn, naive, backward, extra = {
+        "dice": (blob_dice, naive_blob_dice, torch.ops.blob._dice_backward, (False,)),
+        "tversky": (blob_tversky, blobbench.naive_blob_tversky, torch.ops.blob._tversky_backward, ()),
+        "dice_ce": (blobbench.blob_dice_ce, blobbench.naive_blob_dice_ce, torch.ops.blob._dice_ce_backward, (False,)),
+    }[loss]
+    eager = loss_and_grad(fn, x, lab)
+    compiled = loss_and_grad(torch.compile(fn, fullgraph=True), x, lab)
+    oracle = loss_and_grad(naive, base, lab)
+    assert rel_err(compiled[0], eager[0]) <= 1e-12 and rel_err(compiled[1], eager[1]) <= 1e-12
+    assert rel_err(eager[0], oracle[0]) <= 1e-10 and rel_err(eager[1], oracle[1]) <= 1e-8
+    # the backward op itself, eager: the input's strides, the same values as a contiguous input
+    forward = getattr(torch.ops.blob, f"_{loss}_forward")
+    args = {
+        "dice": (2.0, 1.0, "sigmoid", "paper", False, 1e-5, 1e-5, -1),
+        "tversky": (2.0, 1.0, "sigmoid", "paper", 0.3, 0.7, 1e-5, 1e-5, -1),
+        "dice_ce": (2.0, 1.0, 1.0, 1.0, "sigmoid", "paper", False, 1e-5, 1e-5, -1),
+    }[loss]
+    _, coef, ids = forward(x, lab, *args)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    grad = backward(one, x, lab, coef, ids, "sigmoid", *extra)
+    assert grad.stride() == x.stride()
+    assert torch.equal(grad, backward(one, base, lab, coef, ids, "sigmoid", *extra))

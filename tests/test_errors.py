@@ -33,25 +33,54 @@ def test_bad_tensors_raise_clear_errors(bad, match):
         blob_dice(x, lab)
 
 
+_NEGATIVE = r"^blob\.dice: `instances` must be >= 0 \(0 = background\), found a negative id \(the smallest is {}\)$"
+_ABOVE = r"^blob\.dice: `instances` holds an id above max_label \(the largest is {}, max_label = {}\)$"
+
+
 def test_negative_labels_raise():
     x, lab = _inputs()
     lab[1, 0, 0, 0, 0] = -3
-    with pytest.raises(ValueError, match=r"`instances` must be >= 0.*-3"):
+    lab[0, 0, 0, 0, 1] = -2
+    with pytest.raises(ValueError, match=_NEGATIVE.format(-3)):
         blob_dice(x, lab)
 
 
-def test_labels_above_max_label_raise_on_cpu():
+# max_label 5: a dense table checked in the accumulate pass (the message computed once it
+# failed); 10**6: a large table, which the CPU sizes by the ids present after reading their range;
+# 10**12: beyond the dense budget.
+@pytest.mark.parametrize("max_label", [5, 10**6, 10**12])
+def test_labels_above_max_label_raise_on_cpu(max_label):
     x, lab = _inputs()
-    lab[1, 0, 0, 0, 0] = 9
-    with pytest.raises(ValueError, match=r"outside \[0, max_label\] \(max_label = 5\)"):
-        blob_dice(x, lab, max_label=5)
+    lab = lab.long()
+    lab[1, 0, 0, 0, 0] = max_label + 4
+    lab[0, 0, 3, 0, 0] = max_label + 2
+    with pytest.raises(ValueError, match=_ABOVE.format(max_label + 4, max_label)):
+        blob_dice(x, lab, max_label=max_label)
 
 
-def test_negative_labels_with_max_label_raise_on_cpu():
+@pytest.mark.parametrize("max_label", [5, 10**6, 10**12])
+def test_negative_labels_with_max_label_raise_on_cpu(max_label):
     x, lab = _inputs()
+    lab = lab.long()
     lab[1, 0, 0, 0, 0] = -1
-    with pytest.raises(ValueError, match=r"outside \[0, max_label\]"):
-        blob_dice(x, lab, max_label=5)
+    lab[0, 0, 3, 0, 0] = -7
+    with pytest.raises(ValueError, match=_NEGATIVE.format(-7)):
+        blob_dice(x, lab, max_label=max_label)
+    lab[1, 0, 2, 2, 2] = max_label + 1  # an id above max_label as well: the negative one is named
+    with pytest.raises(ValueError, match=_NEGATIVE.format(-7)):
+        blob_dice(x, lab, max_label=max_label)
+
+
+def test_softmax_range_errors_name_the_read_channels():
+    """Softmax never reads channel 0's ids: the messages name the ids of the other channels."""
+    x, lab = _inputs(C=2)
+    lab[:, 0] = 50  # ignored
+    lab[1, 1, 0, 0, 0] = 3
+    with pytest.raises(ValueError, match=_ABOVE.format(3, 2)):
+        blob_dice(x, lab, activation="softmax", max_label=2)
+    lab[1, 1, 0, 0, 0] = -4
+    with pytest.raises(ValueError, match=_NEGATIVE.format(-4)):
+        blob_dice(x, lab, activation="softmax", max_label=2)
 
 
 @pytest.mark.parametrize(

@@ -1,70 +1,254 @@
 #!/usr/bin/env bash
-# The GPU check of blobbench, run in one go on an offline GPU machine (../shared/device/README.md):
-# install the carried wheels, build against the machine's torch, run the CUDA tests,
-# compute-sanitizer, and the GPU benchmark. Everything lands in $OUT; a summary prints last.
-#   usage (repo root): OUT=/some/dir bash benchmarks/gpu/device_check.sh
-# STEPS picks the steps after the build (default: all), e.g. STEPS="tests sanitizer" for a first
-# call and STEPS="profile bench command" for a second one when one call's 600 s would not do.
+# blobbench's GPU check: ONE call of at most 7 minutes on a fresh offline GPU machine
+# (../shared/device/README.md), the build included. From the repository root, with `.whl` carried
+# (../shared/device/fetch-wheels.sh):
+#
+#   COMMIT=<git rev-parse HEAD> OUT=/some/dir bash benchmarks/gpu/device_check.sh
+#   DRY_RUN=1 OUT=/some/dir bash benchmarks/gpu/device_check.sh      # the CPU dry run (CI)
+#
+# Steps, each under its own `timeout`:
+#   env                 GPU, driver, Python, torch, commit
+#   wheels | build      the carried wheels into /tmp/site, the extension built against the
+#                       machine's torch (MAX_JOBS=16), in parallel
+#   then in parallel (none of them times anything):
+#   tests-default       pytest -m cuda (CI runs the others)
+#   tests-all           the same with BLOBBENCH_CUDA_PATHS=all (every opt-in CUDA path)
+#   memcheck-a/b, racecheck-a/b, initcheck-a/b
+#                       compute-sanitizer over benchmarks/gpu/sanitize_cases.py, its
+#                       BLOBBENCH_CUDA_PATHS settings in two halves (a: default, all, vector_loads,
+#                       coop_forward; b: the other paths alone), PYTORCH_NO_CUDA_MEMORY_CACHING=1
+#                       (racecheck only instruments blobbench's kernels: kns=blob)
+#   prepare             the synthetic batches generated into the cache for the two steps below
+#   then one after the other, alone on the GPU:
+#   profile             benchmarks/gpu/profile_calls.py: launches, kernel and wall us per call and
+#                       per forward path, the accumulate's bandwidth against a device copy
+#   command             python -m blobbench --devices cuda (ms and shanel paper batches) without
+#                       the naive loops, the float64 check and the host cost proxy; its
+#                       result.json rewritten after every measurement
+# Everything lands in ONE archive, $OUT/device_check.tar.gz, beside $OUT/summary.md
+# (benchmarks/gpu/summarize.py), both written by an EXIT trap, so a failed or timed-out step
+# still returns its logs. The exit status is 1 when any step failed.
+#
+# DRY_RUN=1: every step on the CPU at tiny sizes, no wheels, no build (the installed extension),
+# no compute-sanitizer (the sanitizer cases run plain on the CPU instead), same archive and summary.
+# DEVICE_CHECK_STEPS: the steps (or groups: tests, sanitizer) to run, e.g. "env profile"; default all.
+# DEVICE_CHECK_FAIL: steps that fail on purpose (exit 97 without running), to test the failure path.
+# DEVICE_CHECK_TIMEOUT_SCALE: multiplies every timeout (default 1; 3 with DRY_RUN).
+# PYTHON: the interpreter (default python3).
 set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT" || exit 2
+DRY=${DRY_RUN:-0}
+[ "$DRY" = 0 ] || DRY=1
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+STEPS=${DEVICE_CHECK_STEPS:-all}
+FAIL=${DEVICE_CHECK_FAIL:-}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")
+LOGS=$WORK/device_check
+mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
-log() { echo "== $(date +%T) $*"; }
-STEPS=${STEPS:-"tests sanitizer profile bench command"}
-want() { [[ " $STEPS " == *" $1 "* ]]; }
-status=0
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # the scripts under benchmarks/gpu import this checkout
+: > "$LOGS/steps.tsv"
+T_START=$(date +%s)
 
-log "wheels"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheel install failed"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+# Timeouts (s). The real run's critical path: env 15 + build 170 (wheels 60 beside it) + the
+# parallel phase 80 + profile 55 + command 60 = 380 s (405 s if every step also needs its 5 s
+# kill-after, plus at most 20 s for the summary), under the 420 s of one call; expected ~270 s.
+T_ENV=15 T_WHEELS=60 T_BUILD=170 T_PARALLEL=80 T_PROFILE=55 T_COMMAND=60
+# The dry run has no call limit to keep, and a shared CI machine can be slow: its timeouts are 3x.
+SCALE=${DEVICE_CHECK_TIMEOUT_SCALE:-$([ "$DRY" = 1 ] && echo 3 || echo 1)}
 
-log "build"
-export MAX_JOBS=16
-timeout 300 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
-python3 -c "import blobbench; assert blobbench.has_cuda_kernels(), 'no CUDA kernels'; print('CUDA kernels registered')"
+say() { echo "== $(date +%T) $*" | tee -a "$LOGS/device_check.log"; }
 
-if want tests; then
-log "tests"
-# The op tests (CPU and CUDA); the benchmark-command, training and README tests are CPU-side
-# and slow, so they are left to CI unless PYTEST_ARGS says otherwise.
-DEFAULT_TESTS="-q tests --ignore=tests/test_bench.py --ignore=tests/test_train.py --ignore=tests/test_readme.py"
-timeout 150 python3 -m pytest -p no:cacheprovider ${PYTEST_ARGS:-$DEFAULT_TESTS} \
-  > "$OUT/pytest.log" 2>&1; rc=$?
-grep -v "^  File" "$OUT/pytest.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|Fatal|passed|failed|::" | tail -25; [ $rc -eq 0 ] || status=1
+want() {  # want STEP [GROUP]: the step is selected
+  [ "$STEPS" = all ] && return 0
+  local s
+  for s in $STEPS; do [ "$s" = "$1" ] || [ "$s" = "${2:-}" ] && return 0; done
+  return 1
+}
+
+record() {  # record NAME RC SECONDS TIMEOUT NOTE
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "$LOGS/steps.tsv"
+}
+
+step() {  # step NAME TIMEOUT CMD...: run CMD under timeout, its output in LOGS/NAME.log
+  local name=$1 t=$(( $2 * SCALE )) rc t0 dt
+  shift 2
+  t0=$(date +%s.%N)
+  say "$name: start (timeout ${t} s)"
+  if [[ ",$FAIL," == *",$name,"* ]]; then
+    echo "forced failure (DEVICE_CHECK_FAIL=$FAIL)" > "$LOGS/$name.log"
+    rc=97
+  else
+    timeout -k 5 "$t" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+  fi
+  dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  local note=""
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && note="timed out after ${t} s"
+  [ $rc -eq 97 ] && note="forced failure"
+  record "$name" "$rc" "$dt" "$t" "$note"
+  say "$name: exit $rc in ${dt} s${note:+ ($note)}"
+  tail -n 4 "$LOGS/$name.log" | sed 's/^/   | /'
+  return $rc
+}
+
+skip() {  # skip NAME WHY: a step that could not run (counts as failed)
+  record "$1" skipped 0 0 "$2"
+  say "$1: SKIPPED ($2)"
+}
+
+finish() {
+  local rc=$? status=0 elapsed
+  trap - EXIT INT TERM
+  elapsed=$(( $(date +%s) - T_START ))
+  echo "$elapsed" > "$LOGS/elapsed_s"
+  echo "$DRY" > "$LOGS/dry_run"
+  # any step not 0 fails the check (skipped ones included), and so does an interrupted script
+  if awk -F'\t' '$2 != "0" { bad = 1 } END { exit bad ? 0 : 1 }' "$LOGS/steps.tsv"; then status=1; fi
+  [ $rc -ne 0 ] && status=1
+  [ -s "$LOGS/steps.tsv" ] || status=1
+  if ! timeout 20 "$PY" benchmarks/gpu/summarize.py "$LOGS" --status "$status" > "$OUT/summary.md" \
+      2> "$LOGS/summarize.err"; then
+    status=1
+    { echo "# blobbench GPU check: FAILED (summarize.py failed: see summarize.err in the archive)"
+      echo; echo '```'; cat "$LOGS/steps.tsv"; tail -n 20 "$LOGS/summarize.err"; echo '```'; } > "$OUT/summary.md"
+  fi
+  cp "$OUT/summary.md" "$LOGS/summary.md"
+  # at most 16 MiB a file comes back: cut any log over 4 MB to its first and last MB
+  find "$LOGS" -type f -size +4M -name '*.log' | while read -r f; do
+    { head -c 1000000 "$f"; printf '\n[... cut: %s bytes in all ...]\n' "$(stat -c %s "$f")"; tail -c 1000000 "$f"; } \
+      > "$f.cut" && mv "$f.cut" "$f"
+  done
+  tar -czf "$OUT/device_check.tar.gz" -C "$WORK" device_check || status=1
+  echo; cat "$OUT/summary.md"; echo
+  say "done in ${elapsed} s: status $status; $OUT/summary.md, $OUT/device_check.tar.gz"
+  rm -rf "$WORK"
+  exit $status
+}
+trap finish EXIT
+trap 'say "interrupted"; exit 130' INT TERM
+
+say "blobbench GPU check in $ROOT (DRY_RUN=$DRY), archive and summary to $OUT"
+
+# ---- env
+env_info() {
+  if [ "$DRY" = 1 ]; then echo "gpu: none (DRY_RUN, CPU)"; else
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | sed 's/^/gpu: /'
+  fi
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${COMMIT:-unknown}")"
+  git status --porcelain 2>/dev/null | grep -v '^??' | sed 's/^/modified: /' | head -20
+  "$PY" -c "import platform; from importlib.metadata import version; print('python:', platform.python_version()); print('torch:', version('torch'))"
+  echo "compute-sanitizer: $(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo 'not found')"
+  echo "cpus: $(nproc)"
+}
+export -f env_info
+export DRY PY
+if want env; then
+  step env "$T_ENV" bash -c env_info
 fi
 
+# ---- wheels and build
+if [ "$DRY" = 1 ]; then
+  if want build; then
+    step build 60 "$PY" -c "import blobbench; print('DRY_RUN: no wheels, no build; the installed extension:', blobbench.__file__, 'CUDA kernels:', blobbench.has_cuda_kernels())"
+  fi
+else
+  if want wheels && ! ls .whl/*.whl > /dev/null 2>&1; then
+    record wheels 0 0 0 "no .whl folder: the packages installed on the machine are used"
+    say "wheels: none in .whl/, the packages installed on the machine are used"
+  elif want wheels; then
+    step wheels "$T_WHEELS" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl &
+    pid_wheels=$!
+  fi
+  if want build; then
+    step build "$T_BUILD" bash -c "MAX_JOBS=16 '$PY' -m pip install --no-build-isolation --no-deps -e . && \
+      '$PY' -c \"import blobbench; assert blobbench.has_cuda_kernels(), 'no CUDA kernels'; print('CUDA kernels registered')\"" &
+    pid_build=$!
+  fi
+  [ -n "${pid_wheels:-}" ] && { wait "$pid_wheels" || true; }
+  [ -n "${pid_build:-}" ] && { wait "$pid_build" || true; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if awk -F'\t' '($1 == "build" || $1 == "wheels") && $2 != "0" { bad = 1 } END { exit bad ? 0 : 1 }' "$LOGS/steps.tsv"; then
+  for s in tests-default tests-all sanitizer prepare profile command; do
+    want "$s" "${s%%-*}" && skip "$s" "the build or the wheels failed"
+  done
+  exit 1
+fi
+
+# ---- the parallel phase: tests, sanitizers, data (nothing here is timed); a few CPU threads each
+# (nine processes on 16 cores, four on the dry run's two)
+pids=()
+OMP_BEFORE=${OMP_NUM_THREADS-unset}
+export OMP_NUM_THREADS=$([ "$DRY" = 1 ] && echo 1 || echo 2)
+if want tests-default tests; then
+  step tests-default "$T_PARALLEL" env -u BLOBBENCH_CUDA_PATHS "$PY" -m pytest -p no:cacheprovider -m cuda -q -rfE \
+    --junitxml="$LOGS/tests-default.xml" tests &
+  pids+=($!)
+fi
+if want tests-all tests; then
+  step tests-all "$T_PARALLEL" env BLOBBENCH_CUDA_PATHS=all "$PY" -m pytest -p no:cacheprovider -m cuda -q -rfE \
+    --junitxml="$LOGS/tests-all.xml" tests &
+  pids+=($!)
+fi
 if want sanitizer; then
-log "compute-sanitizer"
-for tool in ${SANITIZERS-memcheck racecheck}; do
-  timeout 80 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/gpu/sanitize_cases.py \
-    > "$OUT/sanitizer_$tool.log" 2>&1; rc=$?
-  echo "$tool exit $rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
-  [ $rc -eq 0 ] || status=1
-done
+  if [ "$DRY" = 1 ]; then
+    say "compute-sanitizer: SKIPPED (DRY_RUN); the sanitizer cases run plain on the CPU instead"
+    step sanitize-cpu "$T_PARALLEL" "$PY" benchmarks/gpu/sanitize_cases.py --device cpu --settings default,all &
+    pids+=($!)
+  else
+    SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    HALF_A=default,all,vector_loads,coop_forward
+    HALF_B=split_forward,fused_dice_ce,softmax_inf,parallel_finalize
+    for tool in memcheck racecheck initcheck; do
+      filter=()
+      [ $tool = racecheck ] && filter=(--kernel-name kns=blob)
+      for half in a b; do
+        settings=$HALF_A
+        [ $half = b ] && settings=$HALF_B
+        step "$tool-$half" "$T_PARALLEL" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool $tool --error-exitcode 9 \
+          --print-limit 200 --show-backtrace device "${filter[@]}" \
+          "$PY" benchmarks/gpu/sanitize_cases.py --settings "$settings" &
+        pids+=($!)
+      done
+    done
+  fi
 fi
+if want prepare; then
+  small=()
+  [ "$DRY" = 1 ] && small=(--small)
+  step prepare "$T_PARALLEL" "$PY" benchmarks/gpu/profile_calls.py --prepare "${small[@]}" &
+  pids+=($!)
+fi
+for p in "${pids[@]}"; do wait "$p" || true; done
+if [ "$OMP_BEFORE" = unset ]; then unset OMP_NUM_THREADS; else export OMP_NUM_THREADS=$OMP_BEFORE; fi
 
+# ---- timed steps, alone on the device
 if want profile; then
-log "profiler: kernels per call, kernel time, wall time (fused with max_label vs MONAI)"
-timeout 180 python3 benchmarks/gpu/profile_calls.py --out "$OUT/profile_calls.json" \
-  > "$OUT/profile_calls.log" 2>&1 || { echo "profile_calls: exit $?"; status=1; }
-grep -v "^    " "$OUT/profile_calls.log" | tail -6
+  if [ "$DRY" = 1 ]; then
+    step profile "$T_PROFILE" "$PY" benchmarks/gpu/profile_calls.py --device cpu --small --out "$LOGS/profile_calls.json"
+  else
+    step profile "$T_PROFILE" "$PY" benchmarks/gpu/profile_calls.py --out "$LOGS/profile_calls.json"
+  fi
 fi
-
-if want bench; then
-log "benchmark"
-timeout 150 python3 benchmarks/gpu/gpu_bench.py --out "$OUT/gpu_bench.json" --reps 30 --naive-budget 12 > "$OUT/bench.log" 2>&1 || status=1
-tail -8 "$OUT/bench.log"
-fi
-
 if want command; then
-log "blobbench command on CUDA (profiles ms, shanel; instance sweep)"
-# --name: a plain folder (links do not come back from the device machine); one re-measurement.
-timeout 180 python3 -m blobbench --devices cuda --profiles ms,shanel --batch paper --sweep instances --reps 20 \
-  --remeasure 1 --out "$OUT/blobbench-cuda" --name cuda > "$OUT/blobbench-cuda.log" 2>&1 \
-  || { echo "blobbench command: exit $?"; status=1; }
-tail -12 "$OUT/blobbench-cuda.log"
+  # --name: a plain folder (links do not come back from the device machine); no re-measurement
+  if [ "$DRY" = 1 ]; then  # a tiny label file instead of the profiles: each measurement is a fresh process
+    "$PY" -c "import numpy as np, sys; a = np.zeros((8, 32, 32), np.uint8)
+for i in range(6): a[1 + i % 5:3 + i % 5, 5 * i:5 * i + 3, 2 + 4 * i:6 + 4 * i] = 1
+np.save(sys.argv[1], a)" "$WORK/tiny_labels.npy"
+    args=(--devices cpu --profiles none --labels "$WORK/tiny_labels.npy" --labels-profile shanel --crops 1
+          --impls fused,monai_dice --reps 2)
+  else
+    args=(--devices cuda --profiles ms,shanel --batch paper
+          --impls fused,fused_tversky,fused_dice_ce,vectorized,monai_dice,monai_dice_ce --reps 20)
+  fi
+  step command "$T_COMMAND" "$PY" -m blobbench "${args[@]}" --sweep none --no-check --no-proxy --no-plots \
+    --remeasure 0 --out "$LOGS/command" --name run
 fi
-log "done (status $status)"
-exit $status
+exit 0

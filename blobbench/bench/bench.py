@@ -30,7 +30,9 @@ from .noise import load, summarize_times
 __all__ = ["IMPLEMENTATIONS", "SWEEP_IMPLS", "LOSSES", "Case", "loss_fn", "forward_backward", "Runner",
            "profile_case", "instances_case", "volume_case", "file_case", "normalize_device",
            "normalize_devices", "devices_from_env", "synchronize", "cuda_budget_fraction",
-           "cuda_memory_begin", "cuda_memory_peak", "memory_begin", "memory_peak", "host_cost_proxy"]
+           "cuda_memory_begin", "cuda_memory_peak", "memory_begin", "memory_peak", "host_cost_proxy",
+           "OURS", "BASELINE_OF", "GATE_GROUPS", "PLANT_ENV", "PLANTED_IMPLS", "planted", "planted_slowdown",
+           "allocator_memory", "timed_call", "CLOCKS"]
 
 #: name -> (description, loss kind); the functions are built by :func:`loss_fn`.
 IMPLEMENTATIONS = {
@@ -45,6 +47,119 @@ IMPLEMENTATIONS = {
     "monai_dice_ce": "MONAI DiceCELoss (no instances)",
 }
 SWEEP_IMPLS = ("naive", "vectorized", "fused", "monai_dice")
+
+#: Our implementations: the ones ``blobbench compare`` gates. Everything else (MONAI's losses, the
+#: paper's loop with them) is a baseline no commit of ours changes: reported, never gated.
+OURS = ("fused", "fused_tversky", "fused_dice_ce", "vectorized")
+#: ours -> the unchanged baseline its time is divided by (measured interleaved in the same run),
+#: which cancels the machine's drift between two runs.
+BASELINE_OF = {"fused": "monai_dice", "fused_tversky": "monai_dice", "vectorized": "monai_dice",
+               "fused_dice_ce": "monai_dice_ce"}
+#: The gate's groups (``blobbench --gate``): each group is measured in one process per case, its
+#: implementations' repetitions interleaved (the order rotating); one group, so that a round of
+#: repetitions (every implementation once) takes a fraction of a second and one process start.
+GATE_GROUPS = (("monai_dice", "fused", "fused_tversky", "monai_dice_ce", "fused_dice_ce"),)
+
+#: Test-only: ``BLOBBENCH_PLANT_SLOWDOWN=F`` (a factor >= 1) makes every timed repetition of the
+#: fused ops (:data:`PLANTED_IMPLS`) take F times as long, by busy-waiting (F - 1) x the call's
+#: measured time inside the timed region; ``impl=F,impl=F`` (e.g. ``fused=1.3,fused_tversky=2``)
+#: plants per op. Never set by default; recorded in result.json (``run.planted_slowdown``: the
+#: largest factor, ``run.planted``: per op, and per measurement) so that a planted run is never
+#: taken for a real one.
+PLANT_ENV = "BLOBBENCH_PLANT_SLOWDOWN"
+PLANTED_IMPLS = ("fused", "fused_tversky", "fused_dice_ce")
+
+
+def _factor(v: str, spec: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        f = float("nan")
+    if not f >= 1.0 or f == float("inf"):
+        raise ValueError(f"{PLANT_ENV} must be a finite factor >= 1 (e.g. 1.3) or impl=factor,... with impl one "
+                         f"of {', '.join(PLANTED_IMPLS)}, got {spec!r}")
+    return f
+
+
+def planted() -> dict:
+    """``$BLOBBENCH_PLANT_SLOWDOWN`` as {fused op: factor} (empty when unset)."""
+    spec = os.environ.get(PLANT_ENV, "").strip()
+    if not spec:
+        return {}
+    if "=" not in spec:
+        f = _factor(spec, spec)
+        return {i: f for i in PLANTED_IMPLS} if f > 1 else {}
+    out = {}
+    for item in spec.split(","):
+        impl, _, v = item.partition("=")
+        if impl.strip() not in PLANTED_IMPLS:
+            _factor("x", spec)   # raises, naming the variable and the ops
+        out[impl.strip()] = _factor(v.strip(), spec)
+    return {k: v for k, v in out.items() if v > 1}
+
+
+def planted_slowdown() -> float:
+    """The largest factor of ``$BLOBBENCH_PLANT_SLOWDOWN`` (1.0 when unset or empty)."""
+    return max(planted().values(), default=1.0)
+
+
+#: The clocks a measurement can be timed with: ``wall`` (``time.perf_counter``, the default) or
+#: ``thread`` (``time.thread_time``: the CPU time of the calling thread, for one-thread CPU
+#: measurements: time spent waiting for a CPU while other processes run is not counted, which on
+#: a shared machine is most of the noise; the gate uses it).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def timed_call(fn, x, inst, sync, plant: float = 1.0, clock=time.perf_counter) -> float:
+    """Seconds of one forward + backward (``sync`` before and after) on ``clock``; with ``plant``
+    > 1 the call is stretched to ``plant`` x its time by a busy-wait (on the same clock) inside
+    the timed region."""
+    sync()
+    t0 = clock()
+    forward_backward(fn, x, inst)
+    sync()
+    t = clock() - t0
+    if plant > 1.0:
+        end = t0 + t * plant
+        while clock() < end:
+            pass
+        t = clock() - t0
+    return t
+
+
+def allocator_memory(fn, x, inst) -> dict:
+    """Bytes the CPU allocator hands out during one forward + backward, counted from the
+    profiler's allocation events (``torch.profiler``, ``profile_memory=True``), not the process's
+    resident set: deterministic for deterministic code, whatever glibc does with its pages.
+
+    ``alloc_peak_bytes``: the largest sum of live allocations made during the call (the gradient
+    included); ``alloc_total_bytes``: all bytes allocated; ``alloc_count``: allocations.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    x.grad = None  # its free would otherwise fall inside the window
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        forward_backward(fn, x, inst)
+
+    def walk(nodes):
+        for n in nodes:
+            yield n
+            yield from walk(n.children)
+
+    allocs = sorted((n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+                     if n.typed[0] == _EventType.Allocation), key=lambda n: n.start_time_ns)
+    cur = peak = total = count = 0
+    for n in allocs:
+        a = n.typed[1]
+        if a.device.type != "cpu":
+            continue
+        cur += a.alloc_size
+        peak = max(peak, cur)
+        if a.alloc_size > 0:
+            total += a.alloc_size
+            count += 1
+    return {"alloc_peak_bytes": int(peak), "alloc_total_bytes": int(total), "alloc_count": count}
 
 #: loss -> (the paper's loop, the fused op, MONAI's loss without instances or None): what the check
 #: compares (the fused op against the loop) and what the report puts side by side.
@@ -418,14 +533,57 @@ def _worker(conn, task):
         conn.send({"event": "first", "first_call_s": first, "peak_bytes": int(peak)})
         reps = task["reps"]
         n = reps if first * reps <= task["max_case_s"] else max(min(3, reps), int(task["max_case_s"] / first))
-        times = []
-        for _ in range(n):
-            sync()
-            t0 = time.perf_counter()
-            forward_backward(fn, x, inst)
-            sync()
-            times.append(time.perf_counter() - t0)
-        conn.send({"event": "done", "status": "ok", "times_s": times})
+        plant = task.get("plant", {}).get(task["impl"], 1.0)
+        times = [timed_call(fn, x, inst, sync, plant) for _ in range(n)]
+        done = {"event": "done", "status": "ok", "times_s": times}
+        if device.type == "cpu" and first <= task["max_case_s"]:   # the loop on a big case: too slow to profile
+            done.update(allocator_memory(fn, x, inst))
+        conn.send(done)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, never a silent crash
+        conn.send(_failure(e))
+    finally:
+        conn.close()
+
+
+def _group_worker(conn, task):
+    """Runs in a fresh process: the implementations ``task["impls"]`` of one case, their timed
+    repetitions interleaved (repetition r runs them in the order rotated by r), so that whatever
+    slows the machine for a while slows all of them alike; then each one's allocator bytes."""
+    try:
+        _steady_malloc()
+        torch.set_num_threads(task["threads"])
+        device = torch.device(normalize_device(task["device"]))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        impls = list(task["impls"])
+        fns = {i: loss_fn(i) for i in impls}
+        x, inst = torch.load(task["path"])
+        xs, ins = _tiny_inputs()
+        for i in impls:
+            forward_backward(fns[i], xs.to(device).requires_grad_(True), ins.to(device))
+        x = x.to(device).requires_grad_(True)
+        inst = inst.to(device)
+        conn.send({"event": "ready"})
+        first = {}
+        for i in impls:   # untimed first calls
+            first[i] = timed_call(fns[i], x, inst, sync)
+        conn.send({"event": "first", "first_call_s": first})
+        slowest = max(first.values())
+        reps = task["reps"]
+        n = reps if slowest * len(impls) * reps <= task["max_case_s"] else max(
+            min(3, reps), int(task["max_case_s"] / (slowest * len(impls))))
+        plant = task.get("plant", {})
+        clock = CLOCKS[task.get("clock", "wall")]
+        times = {i: [] for i in impls}
+        for r in range(n):
+            k = r % len(impls)
+            for i in impls[k:] + impls[:k]:
+                times[i].append(timed_call(fns[i], x, inst, sync, plant.get(i, 1.0), clock))
+        alloc = {}
+        if device.type == "cpu" and task.get("allocator", True):
+            alloc = {i: allocator_memory(fns[i], x, inst) for i in impls}
+        conn.send({"event": "done", "status": "ok", "times_s": times, "alloc": alloc})
     except BaseException as e:  # noqa: BLE001 - reported to the parent, never a silent crash
         conn.send(_failure(e))
     finally:
@@ -539,8 +697,10 @@ class Runner:
                  mem_budget_bytes: int):
         self.threads, self.reps, self.max_case_s = threads, reps, max_case_s
         self.time_budget_s, self.mem_budget_bytes = time_budget_s, mem_budget_bytes
+        self.plant = planted()
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # torch.profiler's start/stop chatter
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["blobbench.bench.bench", "monai.losses"])
+        self.ctx.set_forkserver_preload(["blobbench.bench.bench", "monai.losses", "torch.profiler"])
 
     def _run(self, target, task, timeouts):
         parent, child = self.ctx.Pipe(duplex=False)
@@ -578,7 +738,7 @@ class Runner:
     def measure(self, case: Case, impl: str, device: str) -> dict:
         task = {"path": case.path, "impl": impl, "device": device, "threads": self.threads,
                 "reps": self.reps, "max_case_s": self.max_case_s,
-                "mem_budget_bytes": self.mem_budget_bytes}
+                "mem_budget_bytes": self.mem_budget_bytes, "plant": self.plant}
         budget = self.time_budget_s
         load_before = load()
         msgs, timed_out = self._run(_worker, task, [
@@ -594,9 +754,12 @@ class Runner:
             res.update(status="error", error=f"no '{timed_out}' from the worker in time")
             return res
         res["status"] = msgs.get("status", "error")
-        for k in ("error", "traceback", "first_call_s", "peak_bytes", "exitcode"):
+        for k in ("error", "traceback", "first_call_s", "peak_bytes", "exitcode", "alloc_peak_bytes",
+                  "alloc_total_bytes", "alloc_count"):
             if k in msgs:
                 res[k] = msgs[k]
+        if impl in self.plant:
+            res["planted_slowdown"] = self.plant[impl]
         if res["status"] == "error" and "error" not in res:
             res["error"] = f"worker exited with code {msgs.get('exitcode')}"
         times = msgs.get("times_s")
@@ -605,6 +768,46 @@ class Runner:
         if res["status"] == "ok" and not times:
             res.update(status="error", error="the worker reported no timed repetition")
         return res
+
+    def measure_group(self, case: Case, impls, device: str, reps: int | None = None,
+                      allocator: bool = True, clock: str = "wall") -> list[dict]:
+        """The implementations ``impls`` of ``case`` in one process, their repetitions interleaved
+        (:func:`_group_worker`): one measurement per implementation, each with ``"interleaved"``
+        (the group; repetition i of each ran within the same round) and, on the CPU, its allocator
+        bytes. No peak RSS (one process runs them all). ``clock``: ``wall``, or ``thread`` (CPU
+        time of the one thread: only on the CPU with one thread; else wall)."""
+        impls = list(impls)
+        clock = "thread" if clock == "thread" and device == "cpu" and self.threads == 1 else "wall"
+        reps = self.reps if reps is None else reps
+        task = {"path": case.path, "impls": impls, "device": device, "threads": self.threads, "reps": reps,
+                "max_case_s": self.max_case_s * len(impls), "plant": self.plant, "allocator": allocator,
+                "clock": clock}
+        budget = self.time_budget_s * len(impls)
+        load_before = load()
+        msgs, timed_out = self._run(_group_worker, task, [
+            ("ready", 300.0), ("first", budget), ("done", budget * max(reps, 1) + task["max_case_s"] + 60.0)])
+        out = []
+        for impl in impls:
+            res = {"case": case.name, "kind": case.kind, "impl": impl, "device": device, "load": load_before,
+                   "interleaved": impls, "clock": clock}
+            if timed_out:
+                res.update(status="over budget" if timed_out == "first" else "error",
+                           error=f"no '{timed_out}' from the interleaved worker in time")
+            else:
+                res["status"] = msgs.get("status", "error")
+                for k in ("error", "traceback", "exitcode"):
+                    if k in msgs:
+                        res[k] = msgs[k]
+                if res["status"] == "ok":
+                    times = msgs["times_s"][impl]
+                    res.update(first_call_s=msgs["first_call_s"][impl], times_s=times, **summarize_times(times))
+                    res.update(msgs.get("alloc", {}).get(impl, {}))
+                    if "alloc_peak_bytes" in res:   # one process for all: its RSS is no one's own
+                        res.update(peak_bytes=res["alloc_peak_bytes"], memory_basis="allocator")
+            if impl in self.plant:
+                res["planted_slowdown"] = self.plant[impl]
+            out.append(res)
+        return out
 
     def proxy(self, reps: int = 25, inner: int = 100) -> dict:
         """:func:`host_cost_proxy` in a fresh process, one thread."""

@@ -22,6 +22,8 @@ DEFAULT_IMPLS = ("naive", "vectorized", "fused", "fused_tversky", "monai_dice", 
                  "monai_dice_ce")
 DEFAULT_SWEEP_N = (1, 4, 16, 64, 256, 1000, 2000)
 DEFAULT_SWEEP_EDGES = (32, 64, 128, 256)
+GATE_PROFILES = ("ms", "shanel")
+GATE_REPS = 30
 
 USAGE = """blobbench [bench] [options]                 benchmark (below)
        blobbench train [options]                   train with dice / blob dice (blobbench train --help)
@@ -91,7 +93,8 @@ def _machine(devices):
             "python": platform.python_version(), "torch": torch.__version__,
             "blobbench": blobbench.__version__, "cuda_kernels": blobbench.has_cuda_kernels(),
             "memory_method": ("CPU: peak RSS (VmHWM) of a fresh process, reset after warm-up"
-                              if os.path.exists("/proc/self/clear_refs") else "CPU: ru_maxrss growth")}
+                              if os.path.exists("/proc/self/clear_refs") else "CPU: ru_maxrss growth")
+            + "; CPU allocator bytes of one call (torch.profiler allocation events: alloc_peak_bytes)"}
     summary = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
     cuda = [d for d in devices if d.startswith("cuda")]
     if cuda:
@@ -167,6 +170,12 @@ def build_parser():
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: profile ms with 1 crop, 3 repetitions, no sweeps (options given explicitly "
                          "still apply)")
+    ap.add_argument("--gate", action="store_true",
+                    help="the regression gate's run (under a minute on 2 cores; compare two with 'blobbench "
+                         "compare'): profiles ms and shanel, the fused ops and MONAI's DiceLoss / DiceCELoss "
+                         "measured in one process per case with their repetitions interleaved, 30 repetitions, "
+                         "one thread timed by its CPU time (time.thread_time: waiting for a CPU is not counted), "
+                         "no sweeps, check, proxy or plots (options given explicitly still apply)")
     return ap
 
 
@@ -196,8 +205,23 @@ def _validate(args, ap):
 
     if args.reps is not None and args.reps < 1:
         ap.error("--reps must be >= 1")
+    from .bench import planted_slowdown
+
+    try:
+        planted_slowdown()
+    except ValueError as e:
+        ap.error(str(e))
     if args.remeasure < 0 or args.noise_threshold <= 0 or args.outlier_factor <= 1:
         ap.error("--remeasure must be >= 0, --noise-threshold > 0 and --outlier-factor > 1")
+    if args.gate:
+        from .bench import GATE_GROUPS
+
+        args.profiles = list(GATE_PROFILES) if args.profiles == list(DEFAULT_PROFILES) else args.profiles
+        args.impls = [i for g in GATE_GROUPS for i in g] if args.impls == list(DEFAULT_IMPLS) else args.impls
+        args.reps = GATE_REPS if args.reps is None else args.reps
+        args.threads = 1 if args.threads is None else args.threads
+        args.sweep = "none"
+        args.no_check = args.no_proxy = args.no_plots = True
     if args.quick:
         args.profiles = ["ms"] if args.profiles == list(DEFAULT_PROFILES) else args.profiles
         args.batch = "1" if args.batch == "2" else args.batch
@@ -268,6 +292,10 @@ def run_bench(args) -> dict:
     out = new_run_dir(args.out, name)
     print(f"blobbench: {machine['summary']}; CUDA kernels {'built' if machine['cuda_kernels'] else 'not built'}; "
           f"writing {out}", flush=True)
+    if bench.planted():
+        print(f"blobbench: PLANTED SLOWDOWN x{bench.planted_slowdown():g} of the fused ops "
+              f"({', '.join(f'{k} x{v:g}' for k, v in bench.planted().items())}; ${bench.PLANT_ENV}, test only): "
+              "these timings are not the code's", flush=True)
     runner = bench.Runner(threads=torch.get_num_threads(), reps=args.reps, max_case_s=args.max_case_seconds,
                           time_budget_s=args.time_budget, mem_budget_bytes=int(args.memory_budget * 2**30))
     load_before = load()
@@ -295,15 +323,46 @@ def run_bench(args) -> dict:
             if c.kind in ("profile", "file") and not args.no_check and losses:
                 tasks.append(("check", c, None, None))
             tasks += [("measure", c, impl, dev) for impl in impls for dev in args.devices]
+        if args.gate:   # one process per (case, group, device), the group's repetitions interleaved
+            groups = [[i for i in g if i in args.impls] for g in bench.GATE_GROUPS]
+            groups = [g for g in groups if g] + [[i] for i in args.impls if not any(i in g for g in groups)]
+            tasks = [(what, c, g, dev) for what, c, impl, dev in tasks if what == "check"] + [
+                ("group", c, g, dev) for c in cases for g in groups for dev in args.devices]
         measurements, checks = [], {}
+        done = []
+
+        def partial():  # result.json while the run goes on, so a run that is stopped keeps what it measured
+            done.append(1)
+            return {"run": {"id": out.name, "revision": revision, "load_before": load_before, "cpus": os.cpu_count(),
+                            "command": "blobbench " + " ".join(getattr(args, "argv", []))},
+                    "machine": machine, "settings": {k: v for k, v in vars(args).items()
+                                                     if k not in ("out", "argv", "label_volumes")},
+                    "cases": [c.to_json() for c in cases], "checks": checks, "measurements": measurements,
+                    "host_proxy": None, "elapsed_s": time.perf_counter() - t_start,
+                    "partial": {"done": len(done), "of": len(tasks)}}
         with tqdm(tasks, desc="measuring", unit="run", file=sys.stderr) as bar:
             for what, c, impl, dev in bar:
-                bar.set_postfix_str(f"{c.name} {impl or 'check'} {dev or ''}".strip())
+                bar.set_postfix_str(f"{c.name} {impl if isinstance(impl, str) else '+'.join(impl or ['check'])} "
+                                    f"{dev or ''}".strip())
                 if what == "check":
                     checks[c.name] = runner.check(c, args.devices, losses)
+                elif what == "group":
+                    measurements += runner.measure_group(c, impl, dev, clock="thread")
                 else:
                     measurements.append(runner.measure(c, impl, dev))
+                save_partial(partial(), out)
         by_name = {c.name: c for c in cases}
+        reference = {}
+        if not args.gate and args.remeasure:
+            # Whole-measurement outliers: each profile case's implementations (but the slow loops) once
+            # more in one process, repetitions interleaved; a measurement far off it is measured again.
+            cheap = [i for i in args.impls if not i.startswith("naive")]
+            for c in cases:
+                if c.kind in ("profile", "file") and len(cheap) > 1:
+                    for dev in args.devices:
+                        for m in runner.measure_group(c, cheap, dev, reps=3, allocator=False):
+                            if m["status"] == "ok":
+                                reference[(m["case"], m["impl"], m["device"])] = m["median_s"]
 
         def again(m, reasons):
             print(f"measuring again: {m['case']} {m['impl']} {m['device']} ({'; '.join(reasons)})", file=sys.stderr)
@@ -311,7 +370,8 @@ def run_bench(args) -> dict:
         measurements = remeasure_noisy(
             measurements, [c.to_json() for c in cases],
             lambda case, impl, dev: runner.measure(by_name[case], impl, dev),
-            threshold=args.noise_threshold, factor=args.outlier_factor, retries=args.remeasure, progress=again)
+            threshold=args.noise_threshold, factor=args.outlier_factor,
+            retries=0 if args.gate else args.remeasure, progress=again, reference=reference)
         proxy = None
         if not args.no_proxy:
             proxy = remeasure_proxy(runner.proxy, threshold=args.noise_threshold, retries=args.remeasure,
@@ -320,7 +380,9 @@ def run_bench(args) -> dict:
         "run": {"id": out.name, "revision": revision, "started_utc": time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.perf_counter() - t_start))),
                 "load_before": load_before, "load_after": load(), "cpus": os.cpu_count(),
-                "command": "blobbench " + " ".join(getattr(args, "argv", []))},
+                "command": "blobbench " + " ".join(getattr(args, "argv", [])),
+                "planted_slowdown": max(runner.plant.values(), default=1.0), "planted": runner.plant,
+                "gate": bool(args.gate)},
         "machine": machine,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "argv", "label_volumes")}
         | {"devices": args.devices},
@@ -331,6 +393,8 @@ def run_bench(args) -> dict:
         "elapsed_s": time.perf_counter() - t_start,
     }
     result["ratios"] = all_ratios(result)
+    if os.path.exists(os.path.join(out, "result.json")):
+        os.remove(os.path.join(out, "result.json"))  # the partial one: write_run writes the whole run
     written = write_run(result, out, plots=not args.no_plots)
     latest = update_latest(args.out, out)
     print(f"wrote {', '.join(written)} in {result['elapsed_s']:.0f} s; {latest} -> {out.name}")
@@ -340,6 +404,14 @@ def run_bench(args) -> dict:
               "memory)")
     result["out"] = str(out)
     return result
+
+
+def save_partial(result: dict, out) -> None:
+    """``out/result.json`` of a run still going (with ``"partial": {"done", "of"}``), replaced atomically."""
+    path = os.path.join(str(out), "result.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def write_run(result: dict, out, plots: bool = True, echo: bool = True) -> list[str]:
@@ -473,17 +545,22 @@ def main_train(argv):
 
 
 def build_compare_parser():
+    from .compare import DEFAULT_ALPHA
+    from .compare import DEFAULT_FACTOR as DEFAULT_GATE_FACTOR
     from .compare import __doc__ as compare_doc
 
     ap = argparse.ArgumentParser(prog="blobbench compare", description=plain_text(compare_doc),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("old", metavar="OLD", help="the baseline: a result.json, a run folder, or a folder with 'latest'")
     ap.add_argument("new", metavar="NEW", help="the run to judge, same forms")
-    ap.add_argument("--threshold", type=float, default=0.10,
-                    help="time ratio beyond 1 + this (with its interval above 1) is a regression (default 0.10)")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_GATE_FACTOR - 1,
+                    help=f"a time change of ours (relative to its baseline) beyond 1 + this, with p < --alpha, is a "
+                         f"regression (default {DEFAULT_GATE_FACTOR - 1:.2f})")
+    ap.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                    help=f"the Mann-Whitney p-value a time regression must pass below (default {DEFAULT_ALPHA:g})")
     ap.add_argument("--memory-threshold", type=float, default=0.10,
-                    help="peak memory growth beyond this fraction (and over --memory-floor MB) is a regression "
-                         "(default 0.10)")
+                    help="allocator-byte growth of ours beyond this fraction (and over --memory-floor MB) is a "
+                         "regression (default 0.10)")
     ap.add_argument("--memory-floor", type=float, default=1.0, help="MB of growth ignored (default 1)")
     ap.add_argument("--out", default=os.path.join("blobbench-results", "compare"),
                     help="folder for compare.txt, compare.json and compare.png (default ./blobbench-results/compare)")
@@ -497,8 +574,8 @@ def main_compare(argv):
 
     ap = build_compare_parser()
     args = ap.parse_args(argv)
-    if args.threshold <= 0 or args.memory_threshold <= 0 or args.memory_floor < 0:
-        ap.error("--threshold and --memory-threshold must be > 0, --memory-floor >= 0")
+    if args.threshold <= 0 or args.memory_threshold <= 0 or args.memory_floor < 0 or not 0 < args.alpha < 1:
+        ap.error("--threshold and --memory-threshold must be > 0, --memory-floor >= 0, 0 < --alpha < 1")
     runs = []
     for p in (args.old, args.new):
         try:
@@ -506,7 +583,7 @@ def main_compare(argv):
         except (OSError, ValueError) as e:
             ap.error(str(e))
     (old, old_path), (new, new_path) = runs
-    cmp = compare_runs(old, new, args.threshold, args.memory_threshold, int(args.memory_floor * 2**20))
+    cmp = compare_runs(old, new, args.threshold, args.memory_threshold, int(args.memory_floor * 2**20), args.alpha)
     names = [r.get("run", {}).get("id") or str(p) for r, p in runs]
     full = [n if n == str(p) else f"{n} ({p})" for n, p in zip(names, (old_path, new_path))]
     text = format_compare(cmp, *full)

@@ -6,7 +6,12 @@ A measurement is *noisy* when
   ``threshold`` (needs at least 3 repetitions), or
 - it is an interior point of a sweep (instances or volume, same implementation and device) whose
   median lies outside ``[min(neighbours) / factor, max(neighbours) * factor]``: a spike (another
-  process) or a dip that the smooth O(N·V) / O(V) curves cannot produce.
+  process) or a dip that the smooth O(N·V) / O(V) curves cannot produce, or
+- its median is ``factor`` off what the same implementation took when it was measured again
+  *interleaved* with the other implementations of its case (one process, repetitions alternating:
+  ``reference``), after the case's common drift is taken out (the median over its implementations
+  of measured / interleaved): a whole measurement that was slow in every repetition (another
+  process for its whole duration), which no spread shows.
 
 :func:`remeasure_noisy` measures the noisy ones again (up to ``retries`` times, each a fresh
 process) and keeps the attempt with the lowest median (interference from other processes only
@@ -19,7 +24,7 @@ from __future__ import annotations
 import os
 import statistics
 
-__all__ = ["DEFAULT_THRESHOLD", "DEFAULT_FACTOR", "summarize_times", "load", "noise_reasons",
+__all__ = ["DEFAULT_THRESHOLD", "DEFAULT_FACTOR", "summarize_times", "load", "noise_reasons", "interleaved_reasons",
            "remeasure_noisy", "remeasure_proxy", "busy_warning"]
 
 DEFAULT_THRESHOLD = 0.25   # IQR / median
@@ -50,10 +55,37 @@ def _spread_reason(m, threshold):
     return None
 
 
-def noise_reasons(measurements: list[dict], cases: list[dict], threshold: float = DEFAULT_THRESHOLD,
-                  factor: float = DEFAULT_FACTOR) -> dict[int, list[str]]:
-    """Index in ``measurements`` -> why it is noisy, for the noisy ones (see the module doc)."""
+def interleaved_reasons(measurements: list[dict], reference: dict, factor: float = DEFAULT_FACTOR
+                        ) -> dict[int, list[str]]:
+    """Index -> reason, for the measurements whose median is ``factor`` off their interleaved
+    re-measurement ``reference[(case, impl, device)]`` (a median in seconds), relative to the
+    case's drift (the median, over the case's implementations, of measured / interleaved)."""
     out: dict[int, list[str]] = {}
+    by_case: dict[tuple, list[tuple[int, float]]] = {}
+    for i, m in enumerate(measurements):
+        ref = reference.get((m["case"], m["impl"], m["device"]))
+        if m.get("status") == "ok" and ref:
+            by_case.setdefault((m["case"], m["device"]), []).append((i, m["median_s"] / ref))
+    for items in by_case.values():
+        if len(items) < 2:
+            continue
+        drift = statistics.median(r for _, r in items)
+        for i, r in items:
+            if r > drift * factor or r < drift / factor:
+                m = measurements[i]
+                ref = reference[(m["case"], m["impl"], m["device"])]
+                out[i] = [f"median {m['median_s'] * 1e3:.3g} ms is x{r / drift:.2f} what it took interleaved with the "
+                          f"case's other implementations ({ref * 1e3:.3g} ms, case drift x{drift:.2f})"]
+    return out
+
+
+def noise_reasons(measurements: list[dict], cases: list[dict], threshold: float = DEFAULT_THRESHOLD,
+                  factor: float = DEFAULT_FACTOR, reference: dict | None = None) -> dict[int, list[str]]:
+    """Index in ``measurements`` -> why it is noisy, for the noisy ones (see the module doc);
+    ``reference``: the interleaved re-measurements, see :func:`interleaved_reasons`."""
+    out: dict[int, list[str]] = {}
+    for i, reasons in interleaved_reasons(measurements, reference or {}, factor).items():
+        out.setdefault(i, []).extend(reasons)
     for i, m in enumerate(measurements):
         reason = _spread_reason(m, threshold)
         if reason:
@@ -82,7 +114,8 @@ def _attempt(m: dict, reasons) -> dict:
 
 
 def remeasure_noisy(measurements: list[dict], cases: list[dict], measure, *, threshold: float = DEFAULT_THRESHOLD,
-                    factor: float = DEFAULT_FACTOR, retries: int = 2, progress=None) -> list[dict]:
+                    factor: float = DEFAULT_FACTOR, retries: int = 2, progress=None,
+                    reference: dict | None = None) -> list[dict]:
     """Measure the noisy measurements again, up to ``retries`` rounds; flag those that stay noisy.
 
     ``measure(case_name, impl, device) -> measurement dict``. Returns the new list (same order);
@@ -91,7 +124,7 @@ def remeasure_noisy(measurements: list[dict], cases: list[dict], measure, *, thr
     """
     ms = [dict(m) for m in measurements]
     for _ in range(retries):
-        flagged = noise_reasons(ms, cases, threshold, factor)
+        flagged = noise_reasons(ms, cases, threshold, factor, reference)
         if not flagged:
             break
         for i, reasons in flagged.items():
@@ -110,7 +143,7 @@ def remeasure_noisy(measurements: list[dict], cases: list[dict], measure, *, thr
             other_reasons = reasons if other is old else [f"re-measured ({status})"]
             keep["attempts"] = history + [_attempt(other, other_reasons)]
             ms[i] = keep
-    final = noise_reasons(ms, cases, threshold, factor)
+    final = noise_reasons(ms, cases, threshold, factor, reference)
     for i, m in enumerate(ms):
         m["noisy"] = final.get(i, [])
     return ms

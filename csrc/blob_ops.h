@@ -68,6 +68,8 @@ bool cuda_path_enabled(const std::string& name);
 // plane of their accumulate pass, or 0 when unset (chosen by occupancy). Kept within
 // [min_blocks_per_plane(V), block_steps(V)] (csrc/cuda_forward_plan.h).
 int64_t cuda_forced_blocks_per_plane();
+// BLOBBENCH_CUDA_COOP (tests only; read in csrc/cuda/forward_fast.cu): 'off' or 'refused' sends
+// the opt-in forward to its fallbacks on a device that launches cooperatively.
 
 // Serial finalisation on host memory (CPU kernel, and the reference for the CUDA one).
 void finalize_host(const double* stats, int64_t B, int64_t C, int64_t K, const LossParams& prm,

@@ -25,10 +25,16 @@
 #include <ATen/Dispatch_v2.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "../blob_ops.h"
@@ -259,7 +265,7 @@ __device__ __forceinline__ void accumulate_block(const scalar_t* __restrict__ x,
         run.push(valid && !background, int(k), p, pq, squared, table);
       }
     }
-    cur = next;
+    if (base + stride < V) cur = next;  // `next` holds no loads on the last tile
   }
   run.close(squared, table);
   bg_s = warp_sum<acc_t>(bg_s);
@@ -404,16 +410,65 @@ size_t table_bytes(int64_t K, size_t acc_size) {
   return size_t(kWarps) * size_t(K) * (2 * acc_size + sizeof(uint32_t));
 }
 
+// Driver queries made once per device (and kernel, and shared memory size), not per call.
+std::mutex& query_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// Raises the dynamic shared memory limit of `kernel` on the current device to `smem` where it is
+// above the default 48 KiB; the largest limit set so far stays (it serves every smaller launch).
+void ensure_smem_limit(const void* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return;
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(query_mutex());
+  static std::map<std::pair<int, const void*>, size_t> limits;
+  size_t& limit = limits[{device, kernel}];
+  if (limit >= smem) return;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  limit = smem;
+}
+
 // Resident blocks per SM of `kernel` with `smem` bytes of dynamic shared memory (0 if none fit).
-template <typename Kernel>
-int64_t resident_per_sm(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  }
+int64_t resident_per_sm(const void* kernel, size_t smem) {
+  ensure_smem_limit(kernel, smem);
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(query_mutex());
+  static std::map<std::tuple<int, const void*, size_t>, int> resident;
+  const auto key = std::make_tuple(device, kernel, smem);
+  const auto it = resident.find(key);
+  if (it != resident.end()) return it->second;
   int n = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
+  resident[key] = n;
   return n;
+}
+
+// Whether the current device launches cooperatively. BLOBBENCH_CUDA_COOP (tests only, like
+// BLOBBENCH_CUDA_BLOCKS_PER_PLANE): "off" answers no, so that the plain reduce and the default
+// finalisation run; "refused" keeps the answer but treats every cooperative launch as refused
+// (launch_cooperative), so that the retry with two launches runs too.
+std::string coop_test_switch() {
+  const char* env = std::getenv("BLOBBENCH_CUDA_COOP");
+  const std::string value = env == nullptr ? "" : env;
+  TORCH_CHECK_VALUE(value.empty() || value == "off" || value == "refused",
+                    "BLOBBENCH_CUDA_COOP: expected 'off' or 'refused' (tests only), got '", value,
+                    "'");
+  return value;
+}
+
+bool coop_supported_here() {
+  if (coop_test_switch() == "off") return false;
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(query_mutex());
+  static std::map<int, bool> supported;
+  const auto it = supported.find(device);
+  if (it != supported.end()) return it->second;
+  int attr = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&attr, cudaDevAttrCooperativeLaunch, device));
+  supported[device] = attr != 0;
+  return attr != 0;
 }
 
 bool aligned_for_vec(const at::Tensor& t) {
@@ -459,10 +514,7 @@ template <typename in_t, typename lab_t, bool VEC>
 void launch_accumulate_fast(const at::Tensor& input, const at::Tensor& labels, const FastArgs& a,
                             size_t smem, cudaStream_t stream) {
   auto kernel = accumulate_fast_kernel<in_t, lab_t, VEC>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  }
+  ensure_smem_limit(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<dim3(unsigned(a.blocks), unsigned(a.planes)), kThreads, smem, stream>>>(
       input.data_ptr<in_t>(), labels.data_ptr<lab_t>(), a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -480,8 +532,8 @@ void launch_reduce_fast(const FastArgs& a, at::Tensor& stats, const at::Tensor& 
 template <typename in_t, typename lab_t, bool VEC>
 int64_t accumulate_resident(size_t smem) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, resident_per_sm(accumulate_fast_kernel<in_t, lab_t, VEC>, smem)) *
-         sms;
+  const auto* kernel = reinterpret_cast<const void*>(accumulate_fast_kernel<in_t, lab_t, VEC>);
+  return std::max<int64_t>(1, resident_per_sm(kernel, smem)) * sms;
 }
 
 template <typename in_t, typename lab_t, bool VEC>
@@ -521,6 +573,7 @@ bool cooperative_refused(cudaError_t err) {
 template <typename Kernel, typename... Args>
 cudaError_t launch_cooperative(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream,
                                Args... args) {
+  if (coop_test_switch() == "refused") return cudaErrorCooperativeLaunchTooLarge;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(kThreads);
@@ -543,12 +596,11 @@ ForwardStatus forward_fast_typed(const at::Tensor& input, const at::Tensor& labe
   const int64_t B = input.size(0), C = input.size(1), V = input.size(2), P = B * C;
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const int64_t sms = props->multiProcessorCount;
-  int coop_attr = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop_attr, cudaDevAttrCooperativeLaunch, input.get_device()));
-  const bool coop_supported = coop_attr != 0;
+  const bool coop_supported = coop_supported_here();
   auto coop_kernel = forward_coop_kernel<in_t, lab_t, VEC>;
   auto fin_kernel = finalize_coop_kernel<acc_t>;
-  const int64_t coop_resident = coop_supported ? resident_per_sm(coop_kernel, smem) * sms : 0;
+  const auto* coop_ptr = reinterpret_cast<const void*>(coop_kernel);
+  const int64_t coop_resident = coop_supported ? resident_per_sm(coop_ptr, smem) * sms : 0;
   const int64_t forced = cuda_forced_blocks_per_plane();
   ForwardPlan plan =
       plan_forward(V, P, cuda_path_enabled("coop_forward"), cuda_path_enabled("split_forward"),
@@ -590,7 +642,8 @@ ForwardStatus forward_fast_typed(const at::Tensor& input, const at::Tensor& labe
   const FastArgs a = fast_args(input, prm, K, plan.blocks, p);
   launch_accumulate_fast<in_t, lab_t, VEC>(input, labels, a, smem, stream);
   if (coop_supported) {
-    const int64_t fin_resident = resident_per_sm(fin_kernel, kReduceSmem) * sms;
+    const auto* fin_ptr = reinterpret_cast<const void*>(fin_kernel);
+    const int64_t fin_resident = resident_per_sm(fin_ptr, kReduceSmem) * sms;
     if (fin_resident > 0) {
       const int64_t grid = std::min<int64_t>(P, fin_resident);
       const cudaError_t err =
@@ -634,9 +687,9 @@ ForwardStatus forward_fast_cuda(const at::Tensor& input, const at::Tensor& label
   }
   const int64_t P = input.size(0) * input.size(1);
   const size_t acc_size = input.scalar_type() == at::kDouble ? 8 : 4;
+  const c10::cuda::CUDAGuard guard(input.device());  // before fast_smem reads the device
   const size_t smem = fast_smem(K, acc_size, true);
   if (smem == 0 || P > 65535) return kForwardNotHandled;
-  const c10::cuda::CUDAGuard guard(input.device());
   const bool vec = use_vec(input, labels);
   ForwardStatus status = kForwardNotHandled;
   BLOB_FAST_DISPATCH_TYPES(input.scalar_type(), labels.scalar_type(), [&] {

@@ -1,7 +1,14 @@
 """The opt-in CUDA forward paths (BLOBBENCH_CUDA_PATHS = vector_loads, coop_forward,
 split_forward; docs/design.md 5.3): loss and gradient against the CPU operator and the default
-CUDA path, their fallbacks, NaN for ids out of range, no host sync, launches per forward and
-backward, more planes than resident blocks, exact counts in one block, determinism."""
+CUDA path, the kernels each setting runs (profiler), their fallbacks (BLOBBENCH_CUDA_COOP, tests
+only), several tiles per warp (BLOBBENCH_CUDA_BLOCKS_PER_PLANE), NaN for ids out of range, no
+host sync, launches per forward and backward, more planes than resident blocks, exact counts in
+one block, determinism."""
+
+import json
+import os
+import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -9,7 +16,7 @@ import torch
 from conftest import HAVE_CUDA
 from helpers import loss_and_grad, random_instances, rel_err
 
-from blobbench import blob_dice, blob_tversky
+from blobbench import blob_dice, blob_dice_ce, blob_tversky
 
 pytestmark = [
     pytest.mark.cuda,
@@ -53,6 +60,65 @@ def _check(got, want, dtype):
     assert rel_err(got[1], want[1]) <= tol_grad
 
 
+def _kernels(fn):
+    """The CUDA kernels fn() launched, as (full name, grid) pairs, from the profiler's trace."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return [(e["name"], tuple(e.get("args", {}).get("grid", ()))) for e in events if e.get("cat") == "kernel"]
+
+
+def _names(kernels):
+    """The base names (e.g. accumulate_fast_kernel) of _kernels' list."""
+    found = (re.search(r"(\w+_kernel)\s*[<(]", name) for name, _ in kernels)
+    return {m.group(1) for m in found if m}
+
+
+def _vector_body(kernels):
+    """Whether an opt-in kernel ran its vector body (template argument VEC = true)."""
+    return any(re.search(r"(accumulate_fast|forward_coop)_kernel<[^>]*\btrue>", name) for name, _ in kernels)
+
+
+# What each setting must run (present) and must not (absent) for a sigmoid Dice forward.
+KERNELS = {
+    "vector_loads": ({"accumulate_fast_kernel", "reduce_fast_kernel"}, {"forward_coop_kernel"}),
+    "coop_forward": ({"forward_coop_kernel"}, {"accumulate_fast_kernel", "plane_summary_kernel"}),
+    "vector_loads,coop_forward": ({"forward_coop_kernel"}, {"accumulate_fast_kernel", "plane_summary_kernel"}),
+    "split_forward": (
+        {"accumulate_fast_kernel", "finalize_coop_kernel"},
+        {"forward_coop_kernel", "reduce_fast_kernel"},
+    ),
+    "split_forward,coop_forward": (
+        {"accumulate_fast_kernel", "finalize_coop_kernel"},
+        {"forward_coop_kernel", "reduce_fast_kernel"},
+    ),
+}
+
+
+@pytest.mark.parametrize("paths", sorted(KERNELS))
+@pytest.mark.parametrize("with_max_label", [False, True])
+def test_each_setting_runs_its_kernels(monkeypatch, paths, with_max_label):
+    x, instances = _case(10, (2, 2, 8, 16, 16), torch.float32)  # V = 2048
+    x, instances = x.cuda(), instances.cuda()
+    kwargs = {"max_label": int(instances.max())} if with_max_label else {}
+    _use(monkeypatch, None)
+    default = _kernels(lambda: blob_dice(x, instances, **kwargs))
+    assert "accumulate_elementwise_kernel" in _names(default)
+    assert not _names(default) & {"accumulate_fast_kernel", "forward_coop_kernel", "finalize_coop_kernel"}
+    _use(monkeypatch, paths)
+    got = _kernels(lambda: blob_dice(x, instances, **kwargs))
+    present, absent = KERNELS[paths]
+    assert present <= _names(got), _names(got)
+    assert not (absent | {"accumulate_elementwise_kernel"}) & _names(got), _names(got)
+    assert _vector_body(got) == ("vector_loads" in paths)
+
+
 @pytest.mark.parametrize("paths", PATHS)
 @pytest.mark.parametrize("activation", ["sigmoid", "none", "softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
@@ -76,6 +142,77 @@ def test_matches_cpu_and_default_path(monkeypatch, paths, activation, dtype, lab
 
 
 @pytest.mark.parametrize("paths", PATHS)
+@pytest.mark.parametrize("blocks", ["1", "3"])
+@pytest.mark.parametrize("activation", ["sigmoid", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_matches_cpu_with_several_tiles_per_warp(monkeypatch, paths, blocks, activation, dtype, loss):
+    # V = 12800 = 6.25 block steps of 2048 voxels: with 1 or 3 blocks per plane every warp loops
+    # over several tiles (the prefetch of the next tile, the partial last one).
+    fn, options = LOSSES[loss]
+    x, instances = _case(11, (2, 2, 8, 40, 40), dtype, activation=activation, blobs=20)
+    kwargs = dict(activation=activation, max_label=int(instances.max()), **options)
+    want = loss_and_grad(fn, x.double() if dtype == torch.float16 else x, instances, **kwargs)
+    default = _cuda(monkeypatch, None, fn, x, instances, **kwargs)
+    monkeypatch.setenv("BLOBBENCH_CUDA_BLOCKS_PER_PLANE", blocks)
+    got = _cuda(monkeypatch, paths, fn, x, instances, **kwargs)
+    _check(got, want, dtype)
+    _check(got, default, dtype)
+    kernels = _kernels(lambda: fn(x.cuda(), instances.cuda(), **kwargs))
+    ran = "forward_coop_kernel" if "coop_forward" in paths else "accumulate_fast_kernel"
+    if paths == "split_forward":
+        ran = "accumulate_fast_kernel"
+    grids = [grid for name, grid in kernels if ran in name]
+    assert grids and all(grid[:2] == (int(blocks), 4) for grid in grids), kernels
+
+
+@pytest.mark.parametrize("paths", ["coop_forward", "vector_loads,coop_forward", "split_forward"])
+@pytest.mark.parametrize("coop", ["off", "refused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fallbacks_without_cooperative_launch(monkeypatch, paths, coop, dtype):
+    # BLOBBENCH_CUDA_COOP (tests only): "off" reports no cooperative launch, "refused" refuses
+    # each one (the retry in two launches). Either way: accumulate, plain reduce, default
+    # finalisation.
+    x, instances = _case(12, (2, 3, 8, 20, 24), dtype)
+    kwargs = {"max_label": int(instances.max())}
+    want = loss_and_grad(blob_dice, x, instances, **kwargs)
+    monkeypatch.setenv("BLOBBENCH_CUDA_COOP", coop)
+    got = _cuda(monkeypatch, paths, blob_dice, x, instances, **kwargs)
+    _check(got, want, dtype)
+    names = _names(_kernels(lambda: blob_dice(x.cuda(), instances.cuda(), **kwargs)))
+    assert {"accumulate_fast_kernel", "reduce_fast_kernel", "plane_summary_kernel"} <= names, names
+    assert not {"forward_coop_kernel", "finalize_coop_kernel", "accumulate_elementwise_kernel"} & names
+    monkeypatch.setenv("BLOBBENCH_CUDA_COOP", "sometimes")
+    with pytest.raises(ValueError, match="BLOBBENCH_CUDA_COOP"):
+        blob_dice(x.cuda(), instances.cuda(), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masking", ["paper", "official"])
+def test_vector_loads_dice_ce_and_label_stats(monkeypatch, dtype, masking):
+    # Dice+CE's composite clears with_ce: its Dice sums and its BCE sums take vector_loads.
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]  # tests/test_dice_ce.py's tolerances
+    x, instances = _case(13, (2, 2, 8, 16, 20), dtype)  # V = 2560
+    kwargs = {"max_label": int(instances.max()), "masking": masking}
+    want = loss_and_grad(blob_dice_ce, x, instances, **kwargs)
+    default = _cuda(monkeypatch, None, blob_dice_ce, x, instances, **kwargs)
+    got = _cuda(monkeypatch, "vector_loads", blob_dice_ce, x, instances, **kwargs)
+    for ref in (want, default):
+        assert rel_err(got[0], ref[0]) <= tol and rel_err(got[1], ref[1]) <= tol
+    names = _names(_kernels(lambda: blob_dice_ce(x.cuda(), instances.cuda(), **kwargs)))
+    assert "accumulate_fast_kernel" in names and "accumulate_elementwise_kernel" not in names, names
+    # label_stats: sums, squared sums and exact counts
+    xc, lc = x.cuda(), instances.cuda()
+    stats_kwargs = {"squared_pred": True, "max_label": kwargs["max_label"]}
+    want_stats, want_ids = torch.ops.blob.label_stats(x, instances, **stats_kwargs)
+    stats, ids = torch.ops.blob.label_stats(xc, lc, **stats_kwargs)
+    assert rel_err(stats[..., :2], want_stats[..., :2]) <= TOL[dtype][0]
+    assert torch.equal(stats[..., 2].cpu(), want_stats[..., 2]) and torch.equal(ids.cpu(), want_ids)
+    names = _names(_kernels(lambda: torch.ops.blob.label_stats(xc, lc, **stats_kwargs)))
+    assert "accumulate_fast_kernel" in names and "accumulate_elementwise_kernel" not in names, names
+
+
+@pytest.mark.parametrize("paths", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["odd_voxels", "unaligned"])
 def test_odd_sizes_and_unaligned_inputs_fall_back(monkeypatch, paths, dtype, layout):
@@ -96,6 +233,11 @@ def test_odd_sizes_and_unaligned_inputs_fall_back(monkeypatch, paths, dtype, lay
     _use(monkeypatch, paths)
     got = loss_and_grad(blob_dice, xc, lc, max_label=int(instances.max()))
     _check(got, want, dtype)
+    kernels = _kernels(lambda: blob_dice(xc, lc, max_label=int(instances.max())))
+    assert not _vector_body(kernels)
+    if paths == "vector_loads":  # the default accumulate kernel instead of the opt-in one
+        assert "accumulate_elementwise_kernel" in _names(kernels)
+        assert "accumulate_fast_kernel" not in _names(kernels)
 
 
 @pytest.mark.parametrize("paths", PATHS)
@@ -179,12 +321,24 @@ def test_counts_exact_beyond_2_24_voxels_in_one_block(monkeypatch, paths):
     x = torch.zeros(1, 1, V, dtype=torch.float32)
     args = (2.0, 1.0, "none", "paper", False, 1e-5, 1e-5, 2)
     _, want_coef, _ = torch.ops.blob._dice_forward(x, instances, *args)
+    assert (V - 1007) % 2 == 1 and V - 1007 > 2**24  # a count float32 cannot hold
     monkeypatch.setenv("BLOBBENCH_CUDA_BLOCKS_PER_PLANE", "1")
     _use(monkeypatch, paths)
-    _, coef, _ = torch.ops.blob._dice_forward(x.cuda(), instances.cuda(), *args)
+    xc, lc = x.cuda(), instances.cuda()
+    _, coef, _ = torch.ops.blob._dice_forward(xc, lc, *args)
     assert rel_err(coef, want_coef) <= 1e-12
-    stats, _ = torch.ops.blob.label_stats(x.cuda(), instances.cuda(), activation="none", max_label=2)
+    # ... and it was the opt-in accumulate, one block for the plane's 2^24 + 4096 voxels
+    kernels = _kernels(lambda: torch.ops.blob._dice_forward(xc, lc, *args))
+    ran = "forward_coop_kernel" if "coop_forward" in paths and "split" not in paths else "accumulate_fast_kernel"
+    grids = [grid for name, grid in kernels if ran in name]
+    assert grids and all(grid[:2] == (1, 1) for grid in grids), kernels
+    assert "accumulate_elementwise_kernel" not in _names(kernels)
+    stats, _ = torch.ops.blob.label_stats(xc, lc, activation="none", max_label=2)
     assert stats[0, 0, :, 2].cpu().tolist() == [1000.0, V - 1007.0, 7.0]
+    if "vector_loads" in paths:  # label_stats takes the opt-in accumulate pass too
+        kernels = _kernels(lambda: torch.ops.blob.label_stats(xc, lc, activation="none", max_label=2))
+        grids = [grid for name, grid in kernels if "accumulate_fast_kernel" in name]
+        assert grids and all(grid[:2] == (1, 1) for grid in grids), kernels
 
 
 @pytest.mark.parametrize("paths", PATHS)

@@ -18,6 +18,8 @@
 // (docs/design.md, "Label ranges"). The backward is one more pass over the voxels.
 #include "blob_ops.h"
 
+#include "cuda_forward_plan.h"
+
 #include <ATen/Parallel.h>
 #include <Python.h>
 #if defined(__unix__) || defined(__APPLE__)
@@ -86,6 +88,18 @@ bool cuda_path_enabled(const std::string& name) {
     start = end + 1;
   }
   return on;
+}
+
+int64_t cuda_forced_blocks_per_plane() {
+  const char* env = std::getenv("BLOBBENCH_CUDA_BLOCKS_PER_PLANE");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string value(env);
+  const bool digits = value.size() <= 9 && value.find_first_not_of("0123456789") == std::string::npos;
+  TORCH_CHECK_VALUE(digits && std::stoll(value) > 0,
+                    "BLOBBENCH_CUDA_BLOCKS_PER_PLANE: expected a positive number of blocks per "
+                    "plane (at most 9 digits), got '",
+                    value, "'");
+  return std::stoll(value);
 }
 
 namespace {
@@ -448,11 +462,20 @@ struct Accumulated {
   LabelRange range;    // what the kernels read, the bound, the compacted ids (label_ids)
 };
 
+// The loss and coefficient table of a forward that DeviceKernels::forward may finish.
+struct FusedForward {
+  at::Tensor loss, coef;
+  ForwardStatus status = kForwardNotHandled;
+};
+
 // `range_prm`: the op whose table sizes decide the label range (dense_for_bound); the composite
-// Dice+CE accumulates Dice sums (prm) under Dice+CE's range.
+// Dice+CE accumulates Dice sums (prm) under Dice+CE's range. `fused`: the losses' forward, which
+// the device's optional forward kernels may run in fewer launches (they decline the softmax case
+// whose bound is below K, so the flag below is never needed after a finished forward).
 Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& input,
                              const at::Tensor& instances, const LossParams& prm, int64_t max_label,
-                             const char* op, const LossParams* range_prm = nullptr) {
+                             const char* op, const LossParams* range_prm = nullptr,
+                             FusedForward* fused = nullptr) {
   check_inputs(input, instances, prm.activation, max_label, op);
   const LossParams& rp = range_prm != nullptr ? *range_prm : prm;
   LabelRange range =
@@ -460,16 +483,30 @@ Accumulated accumulate_stats(const DeviceKernels& kernels, const at::Tensor& inp
   Accumulated a;
   a.stats = at::empty({input.size(0), input.size(1), range.K, num_stats(prm)},
                       input.options().dtype(at::kDouble));
-  if (kernels.uses_invalid_flag) a.invalid = at::zeros({}, input.options().dtype(at::kInt));
-  const bool ok = kernels.accumulate(as_planes(input), as_planes(range.labels), prm, range.K,
-                                     range.bound, a.stats, a.invalid, op);
-  if (!ok) {
-    // Only the CPU gets here (CUDA flags instead), and only with a dense table sized by
-    // max_label (the other ranges were read from the ids): find what was wrong, and say it.
-    const auto [lo, hi] = id_range(range.labels, prm.activation);
-    check_id_range(lo, hi, range.bound - 1, op);
-    TORCH_CHECK_VALUE(false, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
-                      num(range.bound - 1), ")");
+  ForwardStatus status = kForwardNotHandled;
+  // Planar views made once: as_planes copies a non-contiguous tensor, and both calls read them.
+  const at::Tensor in_planes = as_planes(input);
+  const at::Tensor label_planes = as_planes(range.labels);
+  if (fused != nullptr && kernels.forward != nullptr) {
+    fused->loss = at::empty({}, input.options().dtype(loss_dtype(input.scalar_type())));
+    fused->coef = at::empty({input.size(0), input.size(1), range.K, num_coef(prm)},
+                            input.options().dtype(at::kDouble));
+    status = kernels.forward(in_planes, label_planes, prm, range.K, range.bound, a.stats,
+                             a.invalid, fused->loss, fused->coef, op);
+    fused->status = status;
+  }
+  if (status == kForwardNotHandled) {
+    if (kernels.uses_invalid_flag) a.invalid = at::zeros({}, input.options().dtype(at::kInt));
+    const bool ok = kernels.accumulate(in_planes, label_planes, prm, range.K, range.bound,
+                                       a.stats, a.invalid, op);
+    if (!ok) {
+      // Only the CPU gets here (CUDA flags instead), and only with a dense table sized by
+      // max_label (the other ranges were read from the ids): find what was wrong, and say it.
+      const auto [lo, hi] = id_range(range.labels, prm.activation);
+      check_id_range(lo, hi, range.bound - 1, op);
+      TORCH_CHECK_VALUE(false, op, ": `instances` holds an id outside [0, max_label] (max_label = ",
+                        num(range.bound - 1), ")");
+    }
   }
   if (a.invalid.defined() && range.bound < range.K) {
     // Softmax with max_label = 0: the table holds 2 labels (channel 0's derived background is
@@ -658,10 +695,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const DeviceKernels&
   if (prm.with_ce && use_ce_composite(kernels)) {
     return dice_ce_forward_composite(kernels, input, instances, prm, max_label, op);
   }
-  Accumulated a = accumulate_stats(kernels, input, instances, prm, max_label, op);
-  auto loss = at::empty({}, input.options().dtype(loss_dtype(input.scalar_type())));
-  auto coef = at::empty({input.size(0), input.size(1), a.stats.size(2), num_coef(prm)},
-                        input.options().dtype(at::kDouble));
+  FusedForward fused;
+  Accumulated a = accumulate_stats(kernels, input, instances, prm, max_label, op, nullptr, &fused);
+  if (fused.status == kForwardDone) {
+    return {fused.loss, widen_table(fused.coef, a.range.out_K), a.range.label_ids};
+  }
+  auto loss = fused.loss.defined()
+                  ? fused.loss
+                  : at::empty({}, input.options().dtype(loss_dtype(input.scalar_type())));
+  auto coef = fused.coef.defined()
+                  ? fused.coef
+                  : at::empty({input.size(0), input.size(1), a.stats.size(2), num_coef(prm)},
+                              input.options().dtype(at::kDouble));
   kernels.finalize(a.stats, a.invalid, prm, loss, coef, op);
   return {loss, widen_table(coef, a.range.out_K), a.range.label_ids};
 }
@@ -877,6 +922,21 @@ TORCH_LIBRARY(blob, m) {
           const WarpRowPlan p = plan_warp_rows(planes, row_bytes, warps, blocks, budget);
           return std::vector<int64_t>{p.blocks, p.planes_per_launch};
         });
+  // The launch plan of the opt-in CUDA forward paths (csrc/cuda_forward_plan.h), for the tests:
+  // [mode (0 default, 1 one cooperative launch, 2 two launches), blocks per plane]. forced < 0
+  // reads BLOBBENCH_CUDA_BLOCKS_PER_PLANE.
+  m.def(
+      "_cuda_forward_plan(int voxels, int planes, bool coop, bool split, bool coop_supported, "
+      "int coop_resident, int acc_resident, int forced=-1) -> int[]",
+      [](int64_t voxels, int64_t planes, bool coop, bool split, bool coop_supported,
+         int64_t coop_resident, int64_t acc_resident, int64_t forced) {
+        TORCH_CHECK_VALUE(voxels > 0 && planes > 0,
+                          "blob._cuda_forward_plan: `voxels` and `planes` must be positive");
+        if (forced < 0) forced = cuda_forced_blocks_per_plane();
+        const ForwardPlan p = plan_forward(voxels, planes, coop, split, coop_supported,
+                                           coop_resident, acc_resident, forced);
+        return std::vector<int64_t>{p.mode, p.blocks};
+      });
   // Public operators.
   m.def(
       "dice(Tensor input, Tensor instances, float alpha=2.0, float beta=1.0, *, "

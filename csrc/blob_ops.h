@@ -15,6 +15,11 @@
 
 namespace blob {
 
+// What DeviceKernels::forward did: nothing (the driver runs accumulate and finalize), the
+// accumulate pass only (stats and the invalid flag written; the driver runs finalize), or all of
+// the forward (loss and coef written too).
+enum ForwardStatus : int32_t { kForwardNotHandled = 0, kForwardAccumulated = 1, kForwardDone = 2 };
+
 // The kernels one device provides. Tensors are contiguous and on that device; `op` names the
 // public operator for error messages.
 struct DeviceKernels {
@@ -41,6 +46,13 @@ struct DeviceKernels {
   // Where not, the device's Dice kernels run and the BCE is added with ATen ops
   // (dice_ce_forward_composite in blob_ops.cpp).
   bool (*fused_ce)();
+  // Optional (CUDA opt-in paths coop_forward / split_forward): accumulate and finalize of a loss
+  // in fewer launches. Arguments as for accumulate and finalize, except `invalid`, which it
+  // allocates and writes when it handles the call (it is undefined on entry).
+  ForwardStatus (*forward)(const at::Tensor& input, const at::Tensor& labels,
+                           const LossParams& prm, int64_t K, int64_t bound, at::Tensor& stats,
+                           at::Tensor& invalid, at::Tensor& loss, at::Tensor& coef,
+                           const char* op) = nullptr;
 };
 
 // ---- opt-in CUDA paths (docs/design.md section 5.6, "Device code without a GPU") ------------
@@ -53,6 +65,12 @@ struct DeviceKernels {
 extern const char* const kCudaPathNames[];
 extern const int kNumCudaPaths;
 bool cuda_path_enabled(const std::string& name);
+// BLOBBENCH_CUDA_BLOCKS_PER_PLANE (test and tuning aid of the opt-in forward paths): blocks per
+// plane of their accumulate pass, or 0 when unset (chosen by occupancy). Kept within
+// [min_blocks_per_plane(V), block_steps(V)] (csrc/cuda_forward_plan.h).
+int64_t cuda_forced_blocks_per_plane();
+// BLOBBENCH_CUDA_COOP (tests only; read in csrc/cuda/forward_fast.cu): 'off' or 'refused' sends
+// the opt-in forward to its fallbacks on a device that launches cooperatively.
 
 // Deterministic CUDA accumulate with a label range too large for shared memory: one zeroed row
 // of `row_bytes` per warp (`warps` per block) in global memory. plan_warp_rows keeps all rows

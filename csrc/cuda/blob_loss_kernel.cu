@@ -32,6 +32,8 @@
 #include "../blob_ops.h"
 #include "accumulate_common.cuh"
 #include "dice_ce.h"
+#include "finalize_common.cuh"
+#include "forward_fast.h"
 
 namespace blob {
 namespace {
@@ -176,48 +178,11 @@ __global__ void reduce_rows_kernel(const acc_t* __restrict__ partial, int64_t pl
 
 // ---- finalisation -------------------------------------------------------------------------
 
-constexpr int kReduceThreads = 256;
-
-// Fixed-order block reduction of N doubles per thread; the result is in vals of thread 0.
-template <int N>
-__device__ void block_reduce(double (&vals)[N], double (*buf)[N]) {
-  for (int i = 0; i < N; ++i) buf[threadIdx.x][i] = vals[i];
-  __syncthreads();
-  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half)
-      for (int i = 0; i < N; ++i) buf[threadIdx.x][i] += buf[threadIdx.x + half][i];
-    __syncthreads();
-  }
-  for (int i = 0; i < N; ++i) vals[i] = buf[0][i];
-  __syncthreads();
-}
-
 __global__ void __launch_bounds__(kReduceThreads)
     plane_summary_kernel(const double* __restrict__ stats, int64_t C, int64_t K, LossParams prm,
                          PlaneResult* __restrict__ out) {
   __shared__ double buf[kReduceThreads][4];
-  const int64_t plane = blockIdx.x;
-  const double* st = stats + plane * K * kNumStats;
-  PlaneTotals t{0, 0, 0, 0};
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) add_to_totals(t, k, st + k * kNumStats);
-  double tv[4] = {t.s_all, t.p_all, t.s_fg, t.n_fg};
-  block_reduce<4>(tv, buf);
-  t = PlaneTotals{tv[0], tv[1], tv[2], tv[3]};
-  PlaneBlob pb{0, 0, 0, 0};
-  const bool has_blob_term = !(prm.activation == kSoftmax && plane % C == 0);
-  if (has_blob_term) {
-    for (int64_t k = 1 + threadIdx.x; k < K; k += blockDim.x)
-      if (st[k * kNumStats + 2] > 0.0) add_blob(pb, blob_term(t, st, st + k * kNumStats, prm));
-  }
-  double bv[4] = {pb.loss_sum, pb.count, pb.bg_lin, pb.bg_pow};
-  block_reduce<4>(bv, buf);
-  if (threadIdx.x == 0) {
-    PlaneResult r;
-    r.totals = t;
-    r.global_loss = global_term(t, st, prm).loss;
-    r.blob = PlaneBlob{bv[0], bv[1], bv[2], bv[3]};
-    out[plane] = r;
-  }
+  plane_summary(stats, blockIdx.x, C, K, prm, buf, out);
 }
 
 __global__ void combine_kernel(const PlaneResult* __restrict__ pr, int64_t B, int64_t C,
@@ -234,11 +199,7 @@ __global__ void coef_kernel(const double* __restrict__ stats, const PlaneResult*
                             LossParams prm, double* __restrict__ coef) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= planes * K) return;
-  const int64_t plane = i / K, k = i % K;
-  const double* st = stats + plane * K * kNumStats;
-  label_coef(k, st, st + k * kNumStats, pr[plane].totals, pr[plane].blob, *w_global, w_blob[plane],
-             prm, coef + i * kNumCoef);
-  if (*invalid) coef[i * kNumCoef] = coef[i * kNumCoef + 1] = NAN;
+  label_coef_entry(i, stats, pr, w_blob, w_global, invalid, K, prm, coef);
 }
 
 // ---- backward -----------------------------------------------------------------------------
@@ -477,6 +438,8 @@ bool accumulate_cuda(const at::Tensor& input, const at::Tensor& labels, const Lo
   // The shared-memory and per-warp-row paths write every entry of stats (reduce_rows_kernel);
   // only the atomics path adds into it and needs it zeroed.
   if (atomics) stats.zero_();
+  // Opt-in (BLOBBENCH_CUDA_PATHS=vector_loads, forward_fast.cu): false where it does not apply.
+  if (shared && accumulate_fast_cuda(input, labels, prm, K, stats, invalid)) return true;
   BLOB_DISPATCH_TYPES(input.scalar_type(), labels.scalar_type(), [&] {
     if (shared) {
       launch_accumulate<in_t, lab_t, true>(input, labels, prm, K, stats, invalid, smem, false);
@@ -567,7 +530,8 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
 bool cuda_fuses_dice_ce() { return cuda_path_enabled("fused_dice_ce"); }
 
 const DeviceKernels kCudaKernels{&accumulate_cuda, &finalize_cuda, &backward_cuda,
-                                 /*uses_invalid_flag=*/true, /*fused_ce=*/&cuda_fuses_dice_ce};
+                                 /*uses_invalid_flag=*/true, /*fused_ce=*/&cuda_fuses_dice_ce,
+                                 /*forward=*/&forward_fast_cuda};  // opt-in: coop/split_forward
 
 }  // namespace
 

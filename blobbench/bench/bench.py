@@ -537,6 +537,9 @@ def _worker(conn, task):
         times = [timed_call(fn, x, inst, sync, plant) for _ in range(n)]
         done = {"event": "done", "status": "ok", "times_s": times}
         if device.type == "cpu" and first <= task["max_case_s"]:   # the loop on a big case: too slow to profile
+            # The memory budget held the measured calls; the profiler's own threads and buffers
+            # are not the implementation's, so the address-space cap is lifted before counting.
+            _uncap_address_space()
             done.update(allocator_memory(fn, x, inst))
         conn.send(done)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, never a silent crash
@@ -622,6 +625,13 @@ def _cap_address_space(extra: int) -> None:
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _uncap_address_space() -> None:
+    """Lifts :func:`_cap_address_space`'s limit (the soft limit back to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def _check_worker(conn, task):

@@ -500,15 +500,21 @@ def memory_peak(device: torch.device, base: int) -> int:
     return int((_vm("VmHWM") if _have_proc() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base)
 
 
+def _worker_setup(task):
+    """A fresh worker's malloc settings, threads and device; returns the device and its sync."""
+    _steady_malloc()
+    torch.set_num_threads(task["threads"])
+    device = torch.device(normalize_device(task["device"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return device, sync
+
+
 def _worker(conn, task):
     """Runs in a fresh process: measures one (case, impl, device); sends dicts through ``conn``."""
     try:
-        _steady_malloc()
-        torch.set_num_threads(task["threads"])
-        device = torch.device(normalize_device(task["device"]))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        device, sync = _worker_setup(task)
         fn = loss_fn(task["impl"])
         x, inst = torch.load(task["path"])
         # Warm-up on a tiny input: thread pools, lazy imports, the CUDA context, kernel caches.
@@ -553,12 +559,7 @@ def _group_worker(conn, task):
     repetitions interleaved (repetition r runs them in the order rotated by r), so that whatever
     slows the machine for a while slows all of them alike; then each one's allocator bytes."""
     try:
-        _steady_malloc()
-        torch.set_num_threads(task["threads"])
-        device = torch.device(normalize_device(task["device"]))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        device, sync = _worker_setup(task)
         impls = list(task["impls"])
         fns = {i: loss_fn(i) for i in impls}
         x, inst = torch.load(task["path"])

@@ -21,6 +21,7 @@ from .instances import label_instances
 from .losses import BlobDiceCELoss, BlobDiceLoss, BlobTverskyLoss, blob_dice, blob_dice_ce, blob_tversky
 from .metrics import BlobMetrics, blob_metrics, detection_counts
 from .stats import InstanceStats, instance_stats
+from .voronoi import voronoi_regions
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 # are the test oracle, not part of the loss library.
 _LAZY = {
     "LabelInstancesd": "transforms",
+    "VoronoiRegionsd": "transforms",
     "naive_blob_dice": "reference",
     "naive_blob_dice_ce": "reference",
     "naive_blob_loss": "reference",
@@ -43,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
         naive_blob_tversky,
         vectorized_blob_loss,
     )
-    from .transforms import LabelInstancesd
+    from .transforms import LabelInstancesd, VoronoiRegionsd
 
 
 def __getattr__(name: str):
@@ -66,6 +68,7 @@ __all__ = [
     "BlobTverskyLoss",
     "InstanceStats",
     "LabelInstancesd",
+    "VoronoiRegionsd",
     "blob_dice",
     "blob_dice_ce",
     "blob_metrics",
@@ -80,6 +83,8 @@ __all__ = [
     "naive_blob_loss",
     "naive_blob_tversky",
     "vectorized_blob_loss",
+    "voronoi_regions",
 ]
 if importlib.util.find_spec("monai") is None:  # `from blobbench import *` works without the extra
     __all__.remove("LabelInstancesd")
+    __all__.remove("VoronoiRegionsd")

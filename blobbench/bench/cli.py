@@ -28,6 +28,7 @@ GATE_REPS = 30
 USAGE = """blobbench [bench] [options]                 benchmark (below)
        blobbench train [options]                   train with dice / blob dice (blobbench train --help)
        blobbench compare OLD NEW [options]         two runs side by side (blobbench compare --help)
+       blobbench ab BASE [options]                 BASE and the working tree measured interleaved (blobbench ab --help)
        blobbench report RUN [options]              redraw a run's report and plots (blobbench report --help)"""
 
 DESCRIPTION = """\
@@ -648,6 +649,10 @@ def main(argv=None):
         return main_train(argv[1:])
     if argv and argv[0] == "compare":
         return main_compare(argv[1:])
+    if argv and argv[0] == "ab":
+        from .ab import main_ab
+
+        return main_ab(argv[1:])
     if argv and argv[0] == "report":
         return main_report(argv[1:])
     if argv and argv[0] == "bench":

@@ -17,6 +17,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from ._ops import dense_label_limit, has_cuda_kernels
+from .cc_losses import CCDiceCELoss, CCDiceLoss, cc_dice, cc_dice_ce
 from .instances import label_instances
 from .losses import BlobDiceCELoss, BlobDiceLoss, BlobTverskyLoss, blob_dice, blob_dice_ce, blob_tversky
 from .metrics import BlobMetrics, blob_metrics, detection_counts
@@ -34,7 +35,10 @@ _LAZY = {
     "naive_blob_dice_ce": "reference",
     "naive_blob_loss": "reference",
     "naive_blob_tversky": "reference",
+    "naive_cc_dice": "reference",
+    "naive_cc_dice_ce": "reference",
     "vectorized_blob_loss": "reference",
+    "vectorized_cc_loss": "reference",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,7 +47,10 @@ if TYPE_CHECKING:  # pragma: no cover
         naive_blob_dice_ce,
         naive_blob_loss,
         naive_blob_tversky,
+        naive_cc_dice,
+        naive_cc_dice_ce,
         vectorized_blob_loss,
+        vectorized_cc_loss,
     )
     from .transforms import LabelInstancesd, VoronoiRegionsd
 
@@ -66,6 +73,8 @@ __all__ = [
     "BlobDiceLoss",
     "BlobMetrics",
     "BlobTverskyLoss",
+    "CCDiceCELoss",
+    "CCDiceLoss",
     "InstanceStats",
     "LabelInstancesd",
     "VoronoiRegionsd",
@@ -73,6 +82,8 @@ __all__ = [
     "blob_dice_ce",
     "blob_metrics",
     "blob_tversky",
+    "cc_dice",
+    "cc_dice_ce",
     "dense_label_limit",
     "detection_counts",
     "has_cuda_kernels",
@@ -82,7 +93,10 @@ __all__ = [
     "naive_blob_dice_ce",
     "naive_blob_loss",
     "naive_blob_tversky",
+    "naive_cc_dice",
+    "naive_cc_dice_ce",
     "vectorized_blob_loss",
+    "vectorized_cc_loss",
     "voronoi_regions",
 ]
 if importlib.util.find_spec("monai") is None:  # `from blobbench import *` works without the extra

@@ -13,7 +13,7 @@ left. Here nothing is left between "before" and "after":
    instead (the same sources give the same binary), unless ``--rebuild``.
 2. **two long-lived workers** (two builds of the ``blob`` op namespace cannot share one process),
    base and head, each importing blobbench from its own tree, one thread each
-   (:mod:`blobbench.bench.ab_worker`), load the same cases.
+   (:mod:`blobbench.bench.ab_worker`), load the same cases (``--cpu N`` pins both to one CPU).
 3. **repetitions alternate between them**, call by call: for every case and op, pair ``r`` is
    (base, head) for even ``r`` and (head, base) for odd ``r`` (ABBA: neither side always runs
    second), and the cases and ops rotate within a round; each call is timed by its thread's CPU
@@ -399,8 +399,10 @@ def main_ab(argv) -> int:
                     help=f"the Wilcoxon p a time regression must pass below (default {DEFAULT_AB_ALPHA:g})")
     ap.add_argument("--memory-threshold", type=float, default=0.10)
     ap.add_argument("--memory-floor", type=float, default=1.0, help="MB of growth ignored (default 1)")
-    ap.add_argument("--cpu", default="auto",
-                    help="the one CPU both workers run on (auto: the last CPU this process may use; none: no pinning)")
+    ap.add_argument("--cpu", default="none",
+                    help="pin both workers to this one CPU (a number, or auto: the last CPU this process may use; "
+                         "default none: no pinning, which on a loaded machine gives the workers both CPUs: a pinned "
+                         "run took 160-170 s at load 7-9 on 2 CPUs, unpinned ones 45-60 s)")
     ap.add_argument("--rebuild", action="store_true", help="build the base's extension even when cached or copyable")
     ap.add_argument("--base-tree", default=None,
                     help="an existing tree with its extension built to use as the base instead of BASE's export "

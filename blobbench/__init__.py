@@ -20,7 +20,7 @@ from ._ops import dense_label_limit, has_cuda_kernels
 from .cc_losses import CCDiceCELoss, CCDiceLoss, cc_dice, cc_dice_ce
 from .instances import label_instances
 from .losses import BlobDiceCELoss, BlobDiceLoss, BlobTverskyLoss, blob_dice, blob_dice_ce, blob_tversky
-from .metrics import BlobMetrics, blob_metrics, detection_counts
+from .metrics import BlobMetrics, CCDiceMetric, blob_metrics, cc_metrics, detection_counts
 from .stats import InstanceStats, instance_stats
 from .voronoi import voronoi_regions
 
@@ -75,6 +75,7 @@ __all__ = [
     "BlobTverskyLoss",
     "CCDiceCELoss",
     "CCDiceLoss",
+    "CCDiceMetric",
     "InstanceStats",
     "LabelInstancesd",
     "VoronoiRegionsd",
@@ -84,6 +85,7 @@ __all__ = [
     "blob_tversky",
     "cc_dice",
     "cc_dice_ce",
+    "cc_metrics",
     "dense_label_limit",
     "detection_counts",
     "has_cuda_kernels",

@@ -173,12 +173,16 @@ def check_region_table(n_voxels: torch.Tensor, n_target: torch.Tensor, ids: torc
     empty = present & (n_target == 0) & ((region_id > 0) | has_instances)
     if bool(empty.any()):
         b, c, k = empty.nonzero()[0].tolist()
-        rid = int(region_id[b, c, k])
-        what = f"region id {rid} with no instance voxel"
-        if rid == 0:
-            what = "region 0 (no region) in a plane with instances"
-        raise ValueError(
-            f"{fn}: `regions` has {what} in plane (b, c) = ({b}, {c}): every region must hold its instance "
-            "(compute the regions on the same patch as the instances, after any crop, with "
-            "blobbench.voronoi_regions)"
-        )
+        raise region_error(fn, b, c, int(region_id[b, c, k]))
+
+
+def region_error(fn: str, b: int, c: int, region_id: int) -> ValueError:
+    """The error for a region of plane (b, c) without its instance (region 0: in a plane with instances)."""
+    what = f"region id {region_id} with no instance voxel"
+    if region_id == 0:
+        what = "region 0 (no region) in a plane with instances"
+    return ValueError(
+        f"{fn}: `regions` has {what} in plane (b, c) = ({b}, {c}): every region must hold its instance "
+        "(compute the regions on the same patch as the instances, after any crop, with "
+        "blobbench.voronoi_regions)"
+    )

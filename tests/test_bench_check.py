@@ -154,7 +154,8 @@ def test_check_failure_is_reported_not_raised(monkeypatch, tmp_path, case):
     torch.save((x, inst), tmp_path / "case.pt")
     monkeypatch.setattr(bench, "_cap_address_space", lambda extra: None)
     real = bench.loss_fn
-    monkeypatch.setattr(bench, "loss_fn", lambda impl: (lambda a, b: broken(None, a, b)) if impl == "fused" else real(impl))
+    monkeypatch.setattr(bench, "loss_fn",
+                        lambda impl: (lambda a, b: broken(None, a, b)) if impl == "fused" else real(impl))
     conn = _Conn()
     bench._check_worker(conn, {"path": str(tmp_path / "case.pt"), "devices": ["cpu"],
                               "threads": torch.get_num_threads(), "losses": ["dice"]})

@@ -109,7 +109,8 @@ def test_opcheck_with_half_inputs(dtype):
         torch.library.opcheck(torch.ops.blob.tversky.default, (x, inst, ALPHA, BETA), dict(opts, max_label=max_label))
         torch.library.opcheck(torch.ops.blob.dice_ce.default, (x, inst, ALPHA, BETA), dict(opts, max_label=max_label))
         torch.library.opcheck(
-            torch.ops.blob._dice_forward.default, (x, inst, ALPHA, BETA, "sigmoid", "paper", True, 1e-5, 1e-5, max_label)
+            torch.ops.blob._dice_forward.default,
+            (x, inst, ALPHA, BETA, "sigmoid", "paper", True, 1e-5, 1e-5, max_label),
         )
         torch.library.opcheck(
             torch.ops.blob._tversky_forward.default,
@@ -130,7 +131,9 @@ def test_opcheck_with_half_inputs(dtype):
         loss, coef, ids = getattr(torch.ops.blob, fwd)(x.detach(), inst, ALPHA, BETA, *args)
         assert loss.dtype == torch.float32 and coef.dtype == torch.float64
         torch.library.opcheck(
-            getattr(torch.ops.blob, bwd).default, (grad, x.detach(), inst, coef, ids, "sigmoid", *extra), test_utils=no_aot
+            getattr(torch.ops.blob, bwd).default,
+            (grad, x.detach(), inst, coef, ids, "sigmoid", *extra),
+            test_utils=no_aot,
         )
 
 

@@ -204,6 +204,8 @@ def test_bad_regions():
         cc_dice(x, inst, regions.long())
     with pytest.raises(TypeError, match="`regions` must be a tensor"):
         cc_dice(x, inst, regions.numpy())
+    with pytest.raises(ValueError, match="`regions` must be on the device of `instances`"):
+        cc_dice(x, inst, regions.to("meta"))
     neg = regions.clone()
     neg[0, 0, 0, 0, 0] = -1
     with pytest.raises(ValueError, match="`regions` must be >= 0"):

@@ -18,6 +18,7 @@ pytest.importorskip("scipy.ndimage")
 import blobbench  # noqa: E402
 from blobbench import CCDiceCELoss, CCDiceLoss, cc_dice, cc_dice_ce, voronoi_regions  # noqa: E402
 from blobbench.reference import naive_cc_dice, naive_cc_dice_ce, vectorized_cc_loss  # noqa: E402
+from conftest import devices  # noqa: E402
 from helpers import random_instances  # noqa: E402
 
 SHAPES = {1: (2, 2, 23), 2: (3, 2, 9, 10), 3: (2, 2, 5, 6, 7)}
@@ -274,3 +275,20 @@ def test_fused_operator_matches_the_loop(activation):
 def test_exported():
     for name in ("cc_dice", "cc_dice_ce", "CCDiceLoss", "CCDiceCELoss", "voronoi_regions", "naive_cc_dice"):
         assert name in blobbench.__all__ and getattr(blobbench, name) is not None
+
+
+@devices
+def test_on_each_device_against_the_loop_on_the_cpu(device):
+    """The PyTorch path runs on any device; on CUDA the regions (regions=None) come from the CPU."""
+    for activation in ("sigmoid", "none"):
+        x, inst, regions = make_case(20, 3, activation)
+        expected = loss_and_grad(naive_cc_dice_ce, x, inst, regions, 0.5, 2.0, activation=activation)
+        xd, instd = x.detach().to(device), inst.to(device)
+        loss, grad = loss_and_grad(cc_dice_ce, xd, instd, None, 0.5, 2.0, activation=activation)
+        assert loss.device.type == grad.device.type == device
+        assert_same((loss.cpu(), grad.cpu()), expected)
+    x, inst, regions = make_case(21, 2, "softmax")
+    expected = loss_and_grad(naive_cc_dice, x, inst, regions, activation="softmax")
+    kw = dict(activation="softmax", spatial_dims=2)
+    got = loss_and_grad(cc_dice, x.detach().to(device), inst.to(device), regions.to(device), **kw)
+    assert_same(tuple(t.cpu() for t in got), expected)

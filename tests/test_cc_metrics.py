@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("scipy.ndimage")
 
 from blobbench import CCDiceMetric, cc_metrics, label_instances, voronoi_regions  # noqa: E402
+from conftest import devices  # noqa: E402
 from helpers import random_instances  # noqa: E402
 
 
@@ -168,3 +169,15 @@ def test_bad_inputs():
     neg[0, 0, 0, 0, 0] = -1
     with pytest.raises(ValueError, match=">= 0"):
         cc_metrics(pred, neg)
+
+
+@devices
+def test_on_each_device(device):
+    rng = np.random.default_rng(21)
+    inst = random_instances(rng, (2, 2, 6, 7, 8), 3, empty_prob=0.2)
+    pred = torch.from_numpy(rng.random(inst.shape) < 0.4)
+    expected = cc_metrics(pred, inst)
+    got = cc_metrics(pred.to(device), inst.to(device))
+    assert got["dice"].device.type == device
+    for k in expected:
+        assert torch.equal(got[k].cpu(), expected[k]), k

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("scipy.ndimage")
 
 from blobbench import voronoi_regions  # noqa: E402
+from conftest import devices  # noqa: E402
 from helpers import random_instances  # noqa: E402
 
 
@@ -188,3 +189,11 @@ def test_voronoi_regionsd():
         transforms.VoronoiRegionsd("x")({"x": inst[0, 0, 0, 0]})
     with pytest.raises(ValueError, match="spacing must be"):
         transforms.VoronoiRegionsd("x", spacing="mm")
+
+
+@devices
+def test_on_each_device(device):
+    rng = np.random.default_rng(8)
+    inst = random_instances(rng, (2, 2, 5, 6, 7), 3)
+    r = voronoi_regions(inst.to(device))
+    assert r.device.type == device and torch.equal(r.cpu(), voronoi_regions(inst))

@@ -274,16 +274,20 @@ class WorkerError(RuntimeError):
 def run_ab(base_tree, head_tree, cases: list[tuple[str, str]], impls, reps: int, workdir, plant: dict | None = None,
            factor: float = DEFAULT_AB_FACTOR, mem_threshold: float = 0.10, mem_floor_bytes: int = 2**20,
            progress=None, cpu: int | None = None, alpha: float = DEFAULT_AB_ALPHA) -> dict:
-    """Measure ``impls`` on ``cases`` ((name, path of the saved tensors)) in the two trees,
+    """Measure ``impls`` on ``cases`` ((name, path of the saved tensors), or a function returning
+    them, called once both workers are starting, so that their start-up overlaps it) in the two trees,
     ``reps`` ABBA pairs each, and judge them (see the module doc). ``plant``: the head's planted
     slowdown (test only); ``cpu``: pin both workers to this CPU (None: no pinning)."""
     workdir = Path(workdir)
     sides = {}
-    rows = {(c, i): {"case": c, "impl": i, "base": [], "head": [], "first": []} for c, _ in cases for i in impls}
+    rows = {}
     failed = {}
     try:
         sides["base"] = Side("base", base_tree, workdir / "base-worker.log", cpu=cpu)
         sides["head"] = Side("head", head_tree, workdir / "head-worker.log", plant=plant, cpu=cpu)
+        if callable(cases):
+            cases = cases()
+        rows = {(c, i): {"case": c, "impl": i, "base": [], "head": [], "first": []} for c, _ in cases for i in impls}
         for s in sides.values():
             s.started()
         for c, path in cases:
@@ -466,11 +470,12 @@ def main_ab(argv) -> int:
     load_before = load()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="blobbench-ab-") as work:
-        cases = [(p, bench.profile_case(p, args.batch, args.seed, work).path) for p in profiles]
-        print(f"blobbench ab: {len(cases)} profiles x {len(impls)} ops x {args.reps} ABBA pairs, base {base['tree']}"
-              + (f"; PLANTED SLOWDOWN in HEAD {plant}" if plant else ""), flush=True)
+        print(f"blobbench ab: {len(profiles)} profiles x {len(impls)} ops x {args.reps} ABBA pairs, base "
+              f"{base['tree']}" + (f"; PLANTED SLOWDOWN in HEAD {plant}" if plant else ""), flush=True)
         try:
-            res = run_ab(base["tree"], head_tree, cases, impls, args.reps, out, plant=plant, factor=args.factor,
+            res = run_ab(base["tree"], head_tree,
+                         lambda: [(p, bench.profile_case(p, args.batch, args.seed, work).path) for p in profiles],
+                         impls, args.reps, out, plant=plant, factor=args.factor,
                          mem_threshold=args.memory_threshold, mem_floor_bytes=int(args.memory_floor * 2**20),
                          cpu=cpu, alpha=args.alpha)
         except WorkerError as e:   # the base failing judges nothing (2); the head failing is a regression (1)

@@ -69,7 +69,8 @@ def _check_inputs(input, instances, activation, loss, lambda_dice, lambda_ce, fn
             raise ValueError(f"{fn}: softmax needs at least 2 channels (channel 0 is the background class)")
     if not (lambda_dice >= 0 and lambda_ce >= 0):
         raise ValueError(f"{fn}: lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}")
-    smallest = int(instances.min())
+    read = instances[:, 1:] if activation == "softmax" else instances  # softmax never reads channel 0
+    smallest = int(read.min())
     if smallest < 0:
         raise ValueError(
             f"{fn}: `instances` must be >= 0 (0 = background), found a negative id (the smallest is {smallest})"
@@ -84,7 +85,7 @@ def _regions_for(input, instances, regions, activation, spacing, fn):
             source = instances.clone()
             source[:, 0] = 0
         return voronoi_regions(source, spacing, spatial_dims=input.dim() - 2)
-    check_regions(instances, regions, fn)
+    check_regions(instances, regions, fn, first_channel=1 if activation == "softmax" else 0)
     return regions
 
 

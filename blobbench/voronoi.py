@@ -129,11 +129,13 @@ def voronoi_regions(
     return result.to(instances.device) if is_tensor else result
 
 
-def check_regions(instances: torch.Tensor, regions: torch.Tensor, fn: str) -> None:
-    """Raise unless ``regions`` matches ``instances`` in shape, dtype and device and has ids >= 0.
+def check_regions(instances: torch.Tensor, regions: torch.Tensor, fn: str, first_channel: int = 0) -> None:
+    """Raise unless ``regions`` matches ``instances`` in shape, dtype and device, has ids >= 0 and
+    every instance voxel keeps its id (channels from ``first_channel`` on: softmax does not read
+    channel 0).
 
-    The per-region conditions (every instance voxel keeps its id, every region id has an instance
-    voxel) are checked from the per-region tables by :func:`check_region_table`.
+    The other per-region condition (every region id has an instance voxel) is checked from the
+    per-region tables by :func:`check_region_table`.
     """
     if not isinstance(regions, torch.Tensor):
         raise TypeError(f"{fn}: `regions` must be a tensor (or None), got {type(regions).__name__}")
@@ -147,11 +149,13 @@ def check_regions(instances: torch.Tensor, regions: torch.Tensor, fn: str) -> No
         raise ValueError(
             f"{fn}: `regions` must be on the device of `instances` ({instances.device}), got {regions.device}"
         )
+    instances, regions = instances[:, first_channel:], regions[:, first_channel:]
     if regions.numel() and int(regions.min()) < 0:
         raise ValueError(f"{fn}: `regions` must be >= 0, found a negative id (the smallest is {int(regions.min())})")
     moved = (instances != 0) & (regions != instances)
     if bool(moved.any()):
         where = moved.reshape(instances.shape[0], instances.shape[1], -1).any(-1).nonzero()[0].tolist()
+        where[1] += first_channel
         raise ValueError(
             f"{fn}: `regions` must keep every instance voxel's id (regions == instances where instances > 0); "
             f"plane (b, c) = {tuple(where)} differs; compute them with blobbench.voronoi_regions"

@@ -104,6 +104,12 @@ def test_regions_none_computes_the_voronoi_regions():
     noisy[:, 0] = 5
     a = cc_dice(x, noisy, activation="softmax", spatial_dims=2)
     torch.testing.assert_close(a, naive_cc_dice(x, inst, regions, activation="softmax"), rtol=1e-10, atol=0)
+    # ... nor are its regions, given (ids of another channel, negative ids: never read)
+    junk = regions.clone()
+    junk[:, 0] = torch.arange(junk[:, 0].numel()).view_as(junk[:, 0]) % 7
+    noisy[:, 0, 0] = -4
+    c = cc_dice(x, noisy, junk, activation="softmax", spatial_dims=2)
+    torch.testing.assert_close(c, a, rtol=0, atol=0)
     # spacing reaches voronoi_regions
     spaced = voronoi_regions(inst, (4.0, 1.0))
     b = cc_dice(x, inst, activation="softmax", spacing=(4.0, 1.0), spatial_dims=2)

@@ -298,3 +298,12 @@ def test_on_each_device_against_the_loop_on_the_cpu(device):
     kw = dict(activation="softmax", spatial_dims=2)
     got = loss_and_grad(cc_dice, x.detach().to(device), inst.to(device), regions.to(device), **kw)
     assert_same(tuple(t.cpu() for t in got), expected)
+
+
+def test_torch_compile_traces_the_scatter_path():
+    """torch.compile (Dynamo, eager backend: no code generation) runs the PyTorch path, with graph
+    breaks at its syncs; the fused operator brings fullgraph compilation."""
+    x, inst, regions = make_case(22, 3, "sigmoid")
+    compiled = torch.compile(cc_dice_ce, backend="eager")
+    expected = loss_and_grad(naive_cc_dice_ce, x, inst, regions, 1.0, 1.0, squared_pred=True)
+    assert_same(loss_and_grad(compiled, x, inst, regions, squared_pred=True), expected)

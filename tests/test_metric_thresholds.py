@@ -103,3 +103,37 @@ def test_single_voxel_blobs_count_at_the_boundary_of_the_ratios():
     assert m["volumetric_sensitivity"].item() == 0.0 and m["volumetric_precision"].item() == 0.0
     m = BlobMetrics()(y, y)
     assert all(m[k].item() == 1.0 for k in m)
+
+
+def test_aggregate_reductions_over_cases_and_channels():
+    """mean: over every (case, channel); mean_batch: per channel over the cases; none: the
+    (N, C) table. Three cases of two channels, each channel's blob found or missed as drawn here."""
+    found = {(0, 0): True, (0, 1): False, (1, 0): True, (1, 1): True, (2, 0): False, (2, 1): False}
+    metric = BlobMetrics(spatial_dims=3)
+    for case in range(3):
+        y = torch.zeros(1, 2, 1, 4, 4, dtype=torch.bool)
+        y[..., 1:3, 1:3] = True
+        pred = torch.zeros_like(y)
+        for c in range(2):
+            pred[0, c] = y[0, c] if found[case, c] else False
+        metric(pred, y)
+    want = torch.tensor([[float(found[n, c]) for c in range(2)] for n in range(3)], dtype=torch.float64)
+    assert torch.equal(metric.aggregate("none")["sensitivity"], want)
+    assert torch.equal(metric.aggregate("mean_batch")["sensitivity"], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    assert metric.aggregate("mean")["sensitivity"].item() == pytest.approx(0.5, rel=1e-15)
+    assert metric.aggregate()["sensitivity"].item() == pytest.approx(0.5, rel=1e-15)  # the default
+    by_default = BlobMetrics(reduction="mean_batch", spatial_dims=3)
+    by_default._buffer = metric._buffer
+    assert torch.equal(by_default.aggregate()["sensitivity"], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["y_pred", "y"])
+def test_detection_counts_names_the_floating_argument(name):
+    mask = _truth()
+    args = {"y_pred": mask, "y": mask}
+    args[name] = mask.float()
+    with pytest.raises(TypeError, match=rf"^{name} must be a bool mask or an integer instance map, got torch.float32"):
+        detection_counts(args["y_pred"], args["y"])
+    args[name] = -mask.long()
+    with pytest.raises(ValueError, match=rf"^{name} must be >= 0 \(0 = background\)$"):
+        detection_counts(args["y_pred"], args["y"])

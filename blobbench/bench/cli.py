@@ -578,6 +578,9 @@ def build_quality_parser():
                     help="cpu, cuda or cuda:N (default: cuda when a GPU and the CUDA kernels are present)")
     ap.add_argument("--out", default="blobbench-quality", help="output folder (default ./blobbench-quality)")
     ap.add_argument("--quiet", action="store_true", help="no step progress (the per-run line stays)")
+    ap.add_argument("--redraw", action="store_true",
+                    help="no training: recompute the statistics, table.md and the figure from --out's "
+                         "train_summary.json (the bootstrap is seeded: the same numbers)")
     return ap
 
 
@@ -588,6 +591,14 @@ def main_quality(argv):
 
     ap = build_quality_parser()
     args = ap.parse_args(argv)
+    if args.redraw:
+        from .quality import resummarize
+
+        try:
+            resummarize(args.out)
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--redraw: cannot read {args.out}/train_summary.json: {e}")
+        return 0
     cfg = QualityConfig(**(QUICK if args.quick else {}))
     given = {k: getattr(args, k) for k in ("iterations", "batch", "lr", "size", "crop", "train_volumes",
                                            "test_volumes", "n_boot") if getattr(args, k) is not None}

@@ -76,8 +76,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "QualityConfig", "QUICK", "make_quality_net", "TINY", "SIZE_BINS", "BIN_NAMES", "available_losses", "make_quality_loss",
-    "make_volumes", "lesion_counts", "pooled_metrics", "paired_bootstrap", "train_one", "run_quality", "summarize",
+    "QualityConfig", "QUICK", "make_quality_net", "COUNT_FIELDS", "METRICS", "TINY", "SIZE_BINS", "BIN_NAMES", "available_losses", "make_quality_loss",
+    "make_volumes", "lesion_counts", "pooled_metrics", "paired_bootstrap", "train_one", "run_quality", "summarize", "resummarize",
     "GENERATOR_VERSION",
 ]
 
@@ -85,6 +85,8 @@ GENERATOR_VERSION = 1  # bump when make_volumes changes: a committed run names t
 SIZE_BINS = (50, 500)  # small < 50 <= medium < 500 <= large (voxels), fixed before any run
 BIN_NAMES = ("small", "medium", "large")
 BASELINE = "dice_ce"
+COUNTERPARTS = {"blob_dice": "dice"}  # a blob loss against its plain counterpart (the paper's Table 1 pair),
+# besides every loss against BASELINE (which is blob_dice_ce's and cc_dice_ce's counterpart)
 
 
 @dataclass
@@ -605,6 +607,14 @@ def summarize(cfg: QualityConfig, runs: list) -> dict:
                                                n_boot=cfg.n_boot, seed=cfg.boot_seed)
                 per_seed = (pooled_metrics(stacked[loss])[name] - pooled_metrics(stacked[BASELINE])[name]).tolist()
                 paired[loss][name] = {"diff": est, "low": lo, "high": hi, "per_seed": per_seed}
+    counterpart = {}
+    for loss, plain in COUNTERPARTS.items():
+        if loss in cfg.losses and plain in cfg.losses:
+            counterpart[f"{loss} - {plain}"] = {}
+            for name in METRICS:
+                est, lo, hi = paired_bootstrap(stacked[loss], stacked[plain], _metric_stat(name),
+                                               n_boot=cfg.n_boot, seed=cfg.boot_seed)
+                counterpart[f"{loss} - {plain}"][name] = {"diff": est, "low": lo, "high": hi}
     return {
         "config": asdict(cfg),
         "generator_version": GENERATOR_VERSION,
@@ -617,7 +627,32 @@ def summarize(cfg: QualityConfig, runs: list) -> dict:
         "runs": runs,
         "per_loss": per_loss,
         "paired_vs_baseline": paired,
+        "paired_vs_counterpart": counterpart,
     }
+
+
+def resummarize(out_dir: str, log=print) -> dict:
+    """Statistics, ``table.md`` and the figure again from ``out_dir/train_summary.json`` (no
+    training): the same seeded bootstrap, so the numbers already there come out unchanged."""
+    path = os.path.join(out_dir, "train_summary.json")
+    with open(path) as fh:
+        old = json.load(fh)
+    conf = {k: tuple(v) if isinstance(v, list) else v for k, v in old["config"].items()}
+    result = summarize(QualityConfig(**conf), old["runs"])
+    for k in ("elapsed_s", "machine"):
+        if k in old:
+            result[k] = old[k]
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    text = format_quality_table(result)
+    with open(os.path.join(out_dir, "table.md"), "w") as fh:
+        fh.write(text)
+    log(text)
+    try:
+        render_sensitivity_figure(result, os.path.join(out_dir, "sensitivity_by_size.png"))
+    except ImportError:
+        log("matplotlib is not installed: no figure")
+    return result
 
 
 def format_quality_table(result) -> str:
@@ -652,6 +687,15 @@ def format_quality_table(result) -> str:
                 star = "*" if (d["low"] > 0 or d["high"] < 0) else ""
                 cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{star}")
             lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    for pair, row in result.get("paired_vs_counterpart", {}).items():
+        lines += ["", f"Paired difference {pair} (the paper's Table 1 pair), [95 % bootstrap interval]:", "",
+                  "| pair | " + " | ".join(head) + " |", "| --- | " + " | ".join("---" for _ in head) + " |"]
+        cells = []
+        for c in cols:
+            d = row[c]
+            star = "*" if (d["low"] > 0 or d["high"] < 0) else ""
+            cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{star}")
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

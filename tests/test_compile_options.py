@@ -97,10 +97,11 @@ def test_every_option_of_the_compiled_loss_changes_it(loss):
 HALF = [torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", HALF + [torch.float64], ids=["float16", "bfloat16", "float64"])
 def test_opcheck_with_half_inputs(dtype):
     """The fake kernels' output dtypes for half inputs: a float32 loss, float64 tables, the
-    gradient in the input's dtype (opcheck compares them with the real kernels')."""
+    gradient in the input's dtype (opcheck compares them with the real kernels'); float64 keeps
+    its dtype (test_dice.py's opcheck runs float32)."""
     x, inst = _case("sigmoid", seed=5, dtype=dtype)
     x = x.requires_grad_(True)
     opts = dict(activation="sigmoid", masking="paper")
@@ -129,7 +130,8 @@ def test_opcheck_with_half_inputs(dtype):
         ("_dice_ce_forward", "_dice_ce_backward", (False,), (1.0, 0.5, "sigmoid", "paper", False, 1e-5, 1e-5, -1)),
     ):
         loss, coef, ids = getattr(torch.ops.blob, fwd)(x.detach(), inst, ALPHA, BETA, *args)
-        assert loss.dtype == torch.float32 and coef.dtype == torch.float64
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert coef.dtype == torch.float64
         torch.library.opcheck(
             getattr(torch.ops.blob, bwd).default,
             (grad, x.detach(), inst, coef, ids, "sigmoid", *extra),
@@ -163,3 +165,19 @@ def test_compiled_module_with_half_inputs_under_inductor():
     comp = loss_and_grad(torch.compile(module, fullgraph=True), x, inst)
     assert comp[0].dtype == torch.float32 and comp[1].dtype == torch.bfloat16
     assert rel_err(comp[0], eager[0]) <= 1e-6 and rel_err(comp[1], eager[1]) <= 1e-2
+
+
+def test_fake_dice_ce_table_size_counts_its_nine_entries_per_label():
+    """A max_label whose dense table fits the 256 MiB budget with Dice's 5 float64 entries per
+    label but not with Dice+CE's 9: Dice keeps the dense table of max_label + 1 labels, Dice+CE's
+    table follows the ids present (a data-dependent size); the fake kernel must say the same
+    (opcheck), or torch.compile would trace a table of the wrong size."""
+    x, inst = _case("sigmoid", seed=8, dtype=torch.float32)
+    planes = x.shape[0] * x.shape[1]
+    max_label = 1_200_000
+    assert max_label < (256 << 20) // (planes * 5 * 8) and max_label >= (256 << 20) // (planes * 9 * 8)
+    ce_args = (x, inst, ALPHA, BETA, 1.0, 0.5, "sigmoid", "paper", False, 1e-5, 1e-5, max_label)
+    _, coef, _ = torch.ops.blob._dice_ce_forward(*ce_args)
+    assert coef.shape[2] < 100  # not max_label + 1: the table follows the ids present
+    torch.library.opcheck(torch.ops.blob._dice_ce_forward.default, ce_args,
+                          test_utils=("test_schema", "test_faketensor"))

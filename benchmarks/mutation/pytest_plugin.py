@@ -8,7 +8,13 @@ pyproject's [tool.mutmut]; never loaded by the test suite itself).
    of the same functions are still recorded. Mutant runs (one mutant active) trace the
    trampolines unchanged.
 
-2. Thinned seed sweeps. The oracle tests run one random case per seed, up to 220 seeds per test
+2. No compile caches. tests/conftest.py gives each pytest session a fresh inductor cache folder,
+   but mutmut runs every mutant in a process forked from one session: the FX graph and
+   AOTAutograd caches written by the clean run would be replayed for a mutant of Python code
+   that only runs while torch.compile traces (the autograd of the private forward ops in
+   blobbench/_ops.py), and hide it. Both caches are off in mutation runs.
+
+3. Thinned seed sweeps. The oracle tests run one random case per seed, up to 220 seeds per test
    function; a surviving mutant of a hot function (``blob_dice``) would rerun them all. With
    ``BLOBBENCH_MUTATION_THIN=N`` (default 8) a test function with at least 20 ``seed`` cases keeps
    every N-th of them (20 to 28 cases). The thinned set is a subset of the suite: what it kills,
@@ -31,6 +37,14 @@ def _get_mutant_under_test() -> str:
 
 
 trampoline.get_mutant_under_test = _get_mutant_under_test
+
+
+def pytest_configure(config):
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
 
 THIN = int(os.environ.get("BLOBBENCH_MUTATION_THIN", "8"))
 MIN_SWEEP = 20

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import random
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,10 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", 37: "caught by type check", None: "not checked",
           -11: "segfault", -9: "segfault"}
 CAUGHT = {"killed", "timeout", "caught by type check", "segfault"}
+
+
+def _module(name: str) -> str:
+    return name.split(".x_")[0].split(".xǁ")[0]
 
 
 def load(worktree: Path) -> dict[str, str]:
@@ -49,10 +54,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--pattern", action="append", default=[], help="mutant name globs in scope (default: all)")
     ap.add_argument("--header", default="", help="text put above the tables (command, duration, load)")
+    ap.add_argument("--sample", type=float, default=0.0,
+                    help="print a seeded random sample of this fraction of the mutants in scope (per module) "
+                         "and exit; with --names, report on the mutants listed in that file only")
+    ap.add_argument("--names", type=Path, default=None, help="a file of mutant names (one a line): the scope")
     args = ap.parse_args(argv)
 
     results = load(args.worktree)
     scope = {k: v for k, v in results.items() if not args.pattern or any(fnmatch.fnmatch(k, p) for p in args.pattern)}
+    if args.sample:
+        rng = random.Random(20261201)
+        modules = {}
+        for k in sorted(scope):
+            modules.setdefault(_module(k), []).append(k)
+        for names in modules.values():
+            print("\n".join(sorted(rng.sample(names, max(1, round(args.sample * len(names)))))))
+        return 0
+    if args.names:
+        listed = set(args.names.read_text().split())
+        scope = {k: v for k, v in scope.items() if k in listed}
     eq_path = HERE / "equivalent.json"
     equivalent = json.loads(eq_path.read_text()) if eq_path.exists() else {}
     counts = Counter(scope.values())
@@ -63,7 +83,7 @@ def main(argv=None) -> int:
     unexplained = [k for k in not_killed if k not in equivalent]
     by_module = {}
     for k, v in scope.items():
-        mod = k.split(".x_")[0].split(".xǁ")[0]
+        mod = _module(k)
         c = by_module.setdefault(mod, Counter())
         c["total"] += 1
         c["killed" if v in CAUGHT else "not killed"] += 1

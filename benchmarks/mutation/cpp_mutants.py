@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,7 +114,11 @@ def main(argv=None) -> int:
                     help="the worktree to build in (default: a new one under the temp folder, removed after)")
     ap.add_argument("--only", default="", help="comma-separated mutant names (default: all)")
     ap.add_argument("--max-load", type=float, default=6.0, help="wait before a build while the load is above")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="only check that each patch applies once to this checkout's sources and that its tests "
+                         "collect; no worktree, no build")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # run the cleanup (worktree removal)
 
     lines = []
 
@@ -122,6 +127,17 @@ def main(argv=None) -> int:
         lines.append(s)
 
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
+    if args.dry_run:
+        bad = 0
+        for m in chosen:
+            n = (REPO / m.path).read_text().count(m.old)
+            p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                *m.tests], cwd=REPO, capture_output=True, text=True)
+            tail = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-200:]
+            ok = n == 1 and p.returncode == 0
+            bad += not ok
+            log(f"{m.name}: the patch applies {n} time(s) to {m.path}; tests: {tail}")
+        return 1 if bad else 0
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()
     own = args.workdir is None

@@ -391,8 +391,9 @@ def pooled_metrics(counts: np.ndarray) -> dict:
     """Metrics of count arrays ``[..., V, len(COUNT_FIELDS)]`` pooled over the volume axis V.
 
     Detection metrics sum the counts over the volumes (a bin with no lesions has sensitivity NaN,
-    one with no predicted components precision NaN); ``dsc``, ``lesion_dice`` and ``f1_paper`` are
-    means over the volumes. Returns name -> array of the leading shape.
+    one with no predicted components precision NaN; F1 is 0 when either is 0, else NaN when either
+    is NaN); ``dsc``, ``lesion_dice`` and ``f1_paper`` are means over the volumes. Returns name ->
+    array of the leading shape.
     """
     idx = {f: i for i, f in enumerate(COUNT_FIELDS)}
     tot = counts.sum(-2)
@@ -401,8 +402,12 @@ def pooled_metrics(counts: np.ndarray) -> dict:
         sfx = "" if b == "all" else f"_{b}"
         s = _ratio(tot[..., idx[f"gt_hit_{b}"]], tot[..., idx[f"gt_{b}"]], np.nan)
         p = _ratio(tot[..., idx[f"pred_hit_{b}"]], tot[..., idx[f"pred_{b}"]], np.nan)
-        with np.errstate(invalid="ignore"):
-            f1 = np.where(s + p > 0, 2 * s * p / np.where(s + p > 0, s + p, 1), 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = 2 * s * p / (s + p)
+        # 0 when nothing was found or nothing predicted was right (the other may be NaN: 2 TP / (2 TP + FP + FN)
+        # is 0); NaN when one is undefined and the other positive (a bin's lesions found by components of
+        # another bin), or both are.
+        f1 = np.where((s == 0) | (p == 0), 0.0, f1)
         out[f"sensitivity{sfx}"], out[f"precision{sfx}"], out[f"f1{sfx}"] = s, p, f1
     for f in ("dsc", "lesion_dice", "f1_paper"):
         out[f] = counts[..., idx[f]].mean(-1)

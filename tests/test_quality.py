@@ -234,8 +234,14 @@ def test_tiny_quality_run_writes_its_outputs(tmp_path, capsys):
 def test_quality_command_rejects_bad_options(capsys):
     from blobbench.bench.cli import main
 
+    small = ["--crop", "64", "--size", "32"]  # a check that regressed fails on --crop at once, trains nothing
     for argv, msg in ((["--loss", "focal"], "unknown loss 'focal'"), (["--crop", "64", "--size", "32"], "--crop (64)"),
-                      (["--iterations", "0"], "--iterations must be > 0"), (["--seeds", "1,1"], "repeat a seed")):
+                      (["--iterations", "0"], "--iterations must be > 0"), (["--seeds", "1,1"], "repeat a seed"),
+                      (["--loss", "dice,dice", *small], "repeat a loss"), (["--features", "8"], "--features must be"),
+                      (["--features", "0,8"], "--features must be"),
+                      (["--threads", "0", *small], "--threads must be > 0"),
+                      (["--crop", "22"], "--crop (22) must be a multiple of 4"),
+                      (["--size", "30", "--crop", "16"], "--size (30) must be a multiple of 4")):
         with pytest.raises(SystemExit):
             main(["quality", *argv])
         assert msg in capsys.readouterr().err

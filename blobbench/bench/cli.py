@@ -609,6 +609,8 @@ def main_quality(argv):
         for loss in args.loss:
             if loss not in available_losses():
                 ap.error(f"unknown loss {loss!r}; choose from {', '.join(available_losses())}")
+        if len(set(args.loss)) != len(args.loss):
+            ap.error("--loss must not repeat a loss")
         given["losses"] = tuple(args.loss) if BASELINE in args.loss else (BASELINE, *args.loss)
     else:  # cc_dice_ce needs scipy (blobbench[instances]); without it the others run
         given["losses"] = tuple(x for x in cfg.losses if x in available_losses())
@@ -617,10 +619,19 @@ def main_quality(argv):
             ap.error("--seeds must not repeat a seed")
         given["seeds"] = tuple(args.seeds)
     if args.features:
+        if len(args.features) < 2 or min(args.features) <= 0:
+            ap.error(f"--features must be at least two positive channel counts (UNet levels), got {args.features}")
         given["features"] = tuple(args.features)
+    if args.threads is not None and args.threads <= 0:
+        ap.error(f"--threads must be > 0, got {args.threads}")
     cfg = replace(cfg, **given)
     if cfg.crop > cfg.size:
         ap.error(f"--crop ({cfg.crop}) must not exceed --size ({cfg.size})")
+    div = 2 ** (len(cfg.features) - 1)  # the UNet halves each level: its input edge must divide
+    for name, v in (("crop", cfg.crop), ("size", cfg.size)):
+        if v % div:
+            ap.error(f"--{name} ({v}) must be a multiple of {div} (2 ** (levels - 1) for --features "
+                     f"{','.join(map(str, cfg.features))})")
     if args.threads:
         torch.set_num_threads(args.threads)
     import blobbench

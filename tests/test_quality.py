@@ -120,6 +120,53 @@ def test_lesion_counts_merge_split_and_empty():
         lesion_counts(pred[:-1], gt)
 
 
+def _random_boxes(rng, n, shape=(18, 18, 18)):
+    vol = np.zeros(shape, dtype=bool)
+    for _ in range(n):
+        size = rng.integers(1, 9, size=3)
+        lo = rng.integers(0, np.array(shape) - size + 1)
+        _cube(vol, lo, size)
+    return vol
+
+
+def test_lesion_counts_against_a_loop():
+    """Counts per bin and the BraTS-style lesion Dice against the plain loop over components
+    (each lesion against the union of the predicted components touching it), on seeded random
+    boxes: merges, splits, misses and false positives of every bin."""
+    rng = np.random.default_rng(11)
+    for _ in range(25):
+        gt, pred = _random_boxes(rng, int(rng.integers(0, 7))), _random_boxes(rng, int(rng.integers(0, 9)))
+        g = cc3d.connected_components(gt.astype(np.uint8), connectivity=26)
+        p = cc3d.connected_components(pred.astype(np.uint8), connectivity=26)
+        expect = {f"{w}_{b}": 0 for b in BIN_NAMES + ("all",) for w in ("gt", "gt_hit", "pred", "pred_hit")}
+        dice, touched = [], set()
+        for k in range(1, int(g.max()) + 1):
+            lesion = g == k
+            ids = set(np.unique(p[lesion]).tolist()) - {0}
+            touched |= ids
+            union = np.isin(p, sorted(ids))
+            dice.append(2 * (lesion & union).sum() / (lesion.sum() + union.sum()))
+            b = BIN_NAMES[int(np.searchsorted(SIZE_BINS, lesion.sum(), side="right"))]
+            for key in (f"gt_{b}", "gt_all") + ((f"gt_hit_{b}", "gt_hit_all") if ids else ()):
+                expect[key] += 1
+        for j in range(1, int(p.max()) + 1):
+            b = BIN_NAMES[int(np.searchsorted(SIZE_BINS, (p == j).sum(), side="right"))]
+            for key in (f"pred_{b}", "pred_all") + ((f"pred_hit_{b}", "pred_hit_all") if j in touched else ()):
+                expect[key] += 1
+        n_fp = int(p.max()) - len(touched)
+        c = lesion_counts(pred, gt)
+        assert {k: c[k] for k in expect} == expect
+        assert c["lesion_dice"] == pytest.approx(sum(dice) / (g.max() + n_fp) if g.max() + n_fp else 1.0)
+    # the bins' edges: 49 voxels small, 50 medium, 499 medium, 500 large (SIZE_BINS = (50, 500))
+    edges = np.zeros((40, 40, 40), dtype=bool)
+    boxes = (((1, 1, 1), (7, 7, 1)), ((1, 1, 5), (2, 5, 5)), ((12, 1, 12), (5, 10, 10)), ((25, 20, 25), (5, 10, 10)))
+    for lo, shape in boxes:
+        _cube(edges, lo, shape)
+    edges[12, 1, 12] = False  # 499 voxels, still one component
+    c = lesion_counts(np.zeros_like(edges), edges)
+    assert (c["gt_small"], c["gt_medium"], c["gt_large"]) == (1, 2, 1)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

@@ -559,7 +559,9 @@ def build_quality_parser():
                          "given explicitly still apply")
     ap.add_argument("--loss", type=_csv(str), default=None,
                     help=f"losses, comma separated (default {','.join(d.losses)}; dice_ce, the baseline of the "
-                         "paired differences, is added if missing)")
+                         "paired differences, is added if missing): dice = MONAI DiceLoss, dice_ce = MONAI "
+                         "DiceCELoss, blob_dice = blobbench.BlobDiceLoss, blob_dice_ce = blobbench.BlobDiceCELoss "
+                         "(alpha 2, beta 1), cc_dice_ce = blobbench.cc_dice_ce (needs scipy); all with a sigmoid")
     ap.add_argument("--seeds", type=_csv(int), default=None,
                     help=f"seeds, comma separated (default {','.join(map(str, d.seeds))})")
     ap.add_argument("--iterations", type=int, default=None, help=f"training steps per run (default {d.iterations})")
@@ -568,7 +570,8 @@ def build_quality_parser():
     ap.add_argument("--size", type=int, default=None, help=f"volume edge (default {d.size})")
     ap.add_argument("--crop", type=int, default=None, help=f"training crop edge (default {d.crop})")
     ap.add_argument("--features", type=_csv(int), default=None,
-                    help=f"UNet channels per level (default {','.join(map(str, d.features))})")
+                    help=f"MONAI UNet channels per level, at least two (default {','.join(map(str, d.features))}); "
+                         "--crop and --size must be multiples of 2 ** (levels - 1)")
     ap.add_argument("--train-volumes", type=int, default=None,
                     help=f"training volumes per seed (default {d.train_volumes})")
     ap.add_argument("--test-volumes", type=int, default=None, help=f"test volumes (default {d.test_volumes})")

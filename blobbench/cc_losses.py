@@ -42,9 +42,11 @@ def _check_inputs(input, instances, activation, loss, lambda_dice, lambda_ce, fn
     if not isinstance(input, torch.Tensor) or not isinstance(instances, torch.Tensor):
         raise TypeError(f"{fn}: `input` and `instances` must be tensors")
     if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: `input` must be float16, bfloat16, float32 or float64, got {input.dtype}")
+        raise TypeError(f"{fn}: `input` must be a float16, bfloat16, float32 or float64 tensor, got {input.dtype}")
     if instances.dtype not in _INT_DTYPES:
-        raise TypeError(f"{fn}: `instances` must be uint8, int16, int32 or int64, got {instances.dtype}")
+        raise TypeError(
+            f"{fn}: `instances` must hold integer instance ids (uint8, int16, int32 or int64), got {instances.dtype}"
+        )
     if input.dim() < 3 or input.dim() > 5:
         raise ValueError(
             f"{fn}: `input` must have shape (B, C, *spatial) with 1 to 3 spatial dims, got {tuple(input.shape)}"
@@ -58,7 +60,7 @@ def _check_inputs(input, instances, activation, loss, lambda_dice, lambda_ce, fn
     if input.numel() == 0:
         raise ValueError(f"{fn}: an empty batch has no loss (input of shape {tuple(input.shape)})")
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"{fn}: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f'{fn}: `activation` must be one of "sigmoid", "softmax" or "none", got {activation!r}')
     if activation == "softmax":
         if loss == "dice_ce":
             raise ValueError(
@@ -66,9 +68,17 @@ def _check_inputs(input, instances, activation, loss, lambda_dice, lambda_ce, fn
                 "channel and region (sigmoid or none), as blob_dice_ce; use cc_dice with softmax"
             )
         if input.shape[1] < 2:
-            raise ValueError(f"{fn}: softmax needs at least 2 channels (channel 0 is the background class)")
+            raise ValueError(
+                f'{fn}: activation="softmax" needs at least 2 channels (channel 0 is the background class), '
+                f"got C = {input.shape[1]}"
+            )
     if not (lambda_dice >= 0 and lambda_ce >= 0):
-        raise ValueError(f"{fn}: lambda_dice and lambda_ce must be >= 0, got {lambda_dice} and {lambda_ce}")
+        raise ValueError(f"{fn}: `lambda_dice` and `lambda_ce` must be >= 0, got {lambda_dice} and {lambda_ce}")
+    if loss == "dice_ce" and activation == "none" and bool(((input < 0) | (input > 1)).any()):
+        raise ValueError(
+            f'{fn}: with activation="none" `input` must hold probabilities in [0, 1] (the domain of the binary '
+            "cross-entropy), found values outside"
+        )
     read = instances[:, 1:] if activation == "softmax" else instances  # softmax never reads channel 0
     smallest = int(read.min())
     if smallest < 0:
@@ -177,6 +187,8 @@ def _fused_cc_loss(
     if regions is None:
         _check_inputs(input, instances, activation, loss, lambda_dice, lambda_ce, fn)
         regions = _regions_for(input, instances, None, activation, spacing, fn)
+    elif not isinstance(regions, torch.Tensor):
+        raise TypeError(f"{fn}: `regions` must be a tensor (or None), got {type(regions).__name__}")
     bound = _max_label_arg(max_label)
     ops = torch.ops.blob
     if torch.compiler.is_compiling():

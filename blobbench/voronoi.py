@@ -147,7 +147,8 @@ def check_regions(instances: torch.Tensor, regions: torch.Tensor, fn: str, first
         raise TypeError(f"{fn}: `regions` must have the dtype of `instances` ({instances.dtype}), got {regions.dtype}")
     if regions.device != instances.device:
         raise ValueError(
-            f"{fn}: `regions` must be on the device of `instances` ({instances.device}), got {regions.device}"
+            f"{fn}: `regions` and `instances` must be on the same device, got regions on {regions.device} and "
+            f"instances on {instances.device}"
         )
     instances, regions = instances[:, first_channel:], regions[:, first_channel:]
     if regions.numel() and int(regions.min()) < 0:
@@ -157,8 +158,9 @@ def check_regions(instances: torch.Tensor, regions: torch.Tensor, fn: str, first
         where = moved.reshape(instances.shape[0], instances.shape[1], -1).any(-1).nonzero()[0].tolist()
         where[1] += first_channel
         raise ValueError(
-            f"{fn}: `regions` must keep every instance voxel's id (regions == instances where instances > 0); "
-            f"plane (b, c) = {tuple(where)} differs; compute them with blobbench.voronoi_regions"
+            f"{fn}: `regions` must give every instance voxel its own id (an instance voxel is its own nearest "
+            f"instance), found a difference in plane (b = {where[0]}, c = {where[1]}); compute the regions with "
+            "blobbench.voronoi_regions(instances)"
         )
 
 
@@ -182,11 +184,13 @@ def check_region_table(n_voxels: torch.Tensor, n_target: torch.Tensor, ids: torc
 
 def region_error(fn: str, b: int, c: int, region_id: int) -> ValueError:
     """The error for a region of plane (b, c) without its instance (region 0: in a plane with instances)."""
-    what = f"region id {region_id} with no instance voxel"
+    advice = "compute the regions with blobbench.voronoi_regions(instances), on the patch, after any crop"
     if region_id == 0:
-        what = "region 0 (no region) in a plane with instances"
+        return ValueError(
+            f"{fn}: `regions` holds 0 (no region) in plane (b = {b}, c = {c}), which has instances: every voxel of "
+            f"a plane with instances belongs to the region of its nearest instance; {advice}"
+        )
     return ValueError(
-        f"{fn}: `regions` has {what} in plane (b, c) = ({b}, {c}): every region must hold its instance "
-        "(compute the regions on the same patch as the instances, after any crop, with "
-        "blobbench.voronoi_regions)"
+        f"{fn}: `regions` holds region id {region_id} in plane (b = {b}, c = {c}) where `instances` has no voxel "
+        f"with that id (each region must contain its instance; {advice})"
     )

@@ -211,7 +211,7 @@ def test_bad_regions():
         cc_dice(x, inst, regions.long())
     with pytest.raises(TypeError, match="`regions` must be a tensor"):
         cc_dice(x, inst, regions.numpy())
-    with pytest.raises(ValueError, match="`regions` must be on the device of `instances`"):
+    with pytest.raises(ValueError, match="`regions` and `instances` must be on the same device"):
         cc_dice(x, inst, regions.to("meta"))
     neg = regions.clone()
     neg[0, 0, 0, 0, 0] = -1
@@ -220,16 +220,17 @@ def test_bad_regions():
     moved = regions.clone()
     k = int(inst[0, 0].max())
     moved[0, 0][inst[0, 0] == k] = k + 1
-    with pytest.raises(ValueError, match="must keep every instance voxel's id"):
+    with pytest.raises(ValueError, match="must give every instance voxel its own id"):
         cc_dice(x, inst, moved)
     # an instance cropped away: its region remains, without an instance
     cropped = inst.clone()
     cropped[0, 0][inst[0, 0] == k] = 0
-    with pytest.raises(ValueError, match=f"region id {k} with no instance voxel in plane \\(b, c\\) = \\(0, 0\\)"):
+    message = f"`regions` holds region id {k} in plane \\(b = 0, c = 0\\) where `instances` has no voxel"
+    with pytest.raises(ValueError, match=message):
         cc_dice_ce(x, cropped, regions)
     holes = regions.clone()
     holes[0, 0][inst[0, 0] == 0] = 0
-    with pytest.raises(ValueError, match="region 0 \\(no region\\) in a plane with instances"):
+    with pytest.raises(ValueError, match="holds 0 \\(no region\\) in plane \\(b = 0, c = 0\\), which has instances"):
         cc_dice(x, inst, holes)
     with pytest.raises(ValueError, match="holds an id above max_label"):
         cc_dice(x, inst, regions, max_label=1)
@@ -237,9 +238,9 @@ def test_bad_regions():
 
 def test_bad_inputs():
     x, inst, regions = make_case(18, 3, "sigmoid")
-    with pytest.raises(TypeError, match="cc_dice: `input` must be float16"):
+    with pytest.raises(TypeError, match="cc_dice: `input` must be a float16"):
         cc_dice(x.long(), inst, regions)
-    with pytest.raises(TypeError, match="cc_dice: `instances` must be uint8"):
+    with pytest.raises(TypeError, match="cc_dice: `instances` must hold integer instance ids"):
         cc_dice(x, inst.float(), regions)
     with pytest.raises(ValueError, match="`instances` must have the shape of `input`"):
         cc_dice(x, inst[:1], regions[:1])
@@ -249,19 +250,19 @@ def test_bad_inputs():
         cc_dice(x, neg, regions)
     with pytest.raises(ValueError, match="cc_dice_ce: activation=\"softmax\" is not supported"):
         cc_dice_ce(x, inst, regions, activation="softmax")
-    with pytest.raises(ValueError, match="activation must be one of"):
+    with pytest.raises(ValueError, match="`activation` must be one of"):
         cc_dice(x, inst, regions, activation="relu")
-    with pytest.raises(ValueError, match="softmax needs at least 2 channels"):
+    with pytest.raises(ValueError, match="needs at least 2 channels"):
         cc_dice(x[:, :1], inst[:, :1], regions[:, :1], activation="softmax")
     with pytest.raises(ValueError, match="an empty batch has no loss"):
         cc_dice(x[:0], inst[:0], regions[:0])
     with pytest.raises(ValueError, match="spatial_dims=2 to confirm"):
         cc_dice(x[:, :, 0], inst[:, :, 0], regions[:, :, 0])
-    with pytest.raises(ValueError, match="lambda_dice and lambda_ce must be >= 0"):
+    with pytest.raises(ValueError, match="`lambda_dice` and `lambda_ce` must be >= 0"):
         cc_dice_ce(x, inst, regions, lambda_dice=-1.0)
     with pytest.raises(ValueError, match="max_label must be None or an int >= 0"):
         cc_dice(x, inst, regions, max_label=-2)
-    with pytest.raises(RuntimeError, match="between 0 and 1"):
+    with pytest.raises(ValueError, match="must hold probabilities in \\[0, 1\\]"):
         cc_dice_ce(x.detach() * 5, inst, regions, activation="none")
 
 

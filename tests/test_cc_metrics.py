@@ -161,9 +161,9 @@ def test_bad_inputs():
     cropped = inst.clone()
     cropped[0, 0, 1, 1, 1] = 0
     cropped[0, 0, 3, 3, 3] = 5  # another instance, and region 2 without its instance
-    with pytest.raises(ValueError, match="`regions` must keep every instance voxel's id"):
+    with pytest.raises(ValueError, match="`regions` must give every instance voxel its own id"):
         cc_metrics(pred, cropped, regions)
-    with pytest.raises(ValueError, match="region id 2 with no instance voxel in plane \\(b, c\\) = \\(0, 0\\)"):
+    with pytest.raises(ValueError, match="`regions` holds region id 2 in plane \\(b = 0, c = 0\\)"):
         cc_metrics(pred, torch.zeros_like(inst), regions)
     neg = inst.clone()
     neg[0, 0, 0, 0, 0] = -1

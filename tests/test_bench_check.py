@@ -161,3 +161,28 @@ def test_check_failure_is_reported_not_raised(monkeypatch, tmp_path, case):
                               "threads": torch.get_num_threads(), "losses": ["dice"]})
     (msg,) = conn.sent
     assert msg["status"] == "error" and msg["error"] == "RuntimeError: planted failure"
+
+
+def _plain_dice(x, inst):
+    """MONAI's DiceLoss(sigmoid=True) on the foreground mask, written out: mean over (b, c) of
+    1 - (2 sum p g + 1e-5) / (sum p + sum g + 1e-5)."""
+    p, g = torch.sigmoid(x).flatten(2), (inst > 0).to(x.dtype).flatten(2)
+    return (1 - (2 * (p * g).sum(-1) + 1e-5) / (p.sum(-1) + g.sum(-1) + 1e-5)).mean()
+
+
+def test_benchmark_implementations_compute_what_they_are_named(case):
+    """Each name of the timed implementations gives its loss (a timing of the wrong function would
+    be reported under the right name)."""
+    x, inst = case[0][:2].double(), case[1][:2]
+    want = {
+        "naive": blobbench.naive_blob_dice(x, inst), "fused": blobbench.blob_dice(x, inst),
+        "vectorized": blobbench.vectorized_blob_loss(x, inst), "monai_dice": _plain_dice(x, inst),
+        "naive_tversky": blobbench.naive_blob_tversky(x, inst), "fused_tversky": blobbench.blob_tversky(x, inst),
+        "naive_dice_ce": blobbench.naive_blob_dice_ce(x, inst), "fused_dice_ce": blobbench.blob_dice_ce(x, inst),
+    }
+    for impl, value in want.items():
+        got = bench.loss_fn(impl)(x, inst)
+        assert abs(got.item() - value.item()) <= 1e-12 * abs(value.item()), impl
+    assert abs(blobbench.vectorized_blob_loss(x, inst).item() - want["naive"].item()) <= 1e-10
+    with pytest.raises(ValueError, match=r"^unknown implementation 'nope'; choose from \["):
+        bench.loss_fn("nope")

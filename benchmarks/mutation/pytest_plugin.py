@@ -3,10 +3,12 @@ pyproject's [tool.mutmut]; never loaded by the test suite itself).
 
 1. torch.compile under mutmut's stats run. There mutmut records, in every call of a mutated
    function, which test called it; the record sets a ``ContextVar``, which Dynamo cannot trace,
-   so every ``fullgraph=True`` test would fail. While Dynamo traces, the trampoline is told that
-   no mutant is active (it calls the original function, unrecorded); the same tests' eager calls
-   of the same functions are still recorded. Mutant runs (one mutant active) trace the
-   trampolines unchanged.
+   so every ``fullgraph=True`` test would fail. While Dynamo traces bytecode
+   (``is_dynamo_compiling``), the trampoline is told that no mutant is active (it calls the
+   original function, unrecorded); the same tests' eager calls of the same functions are still
+   recorded, and so are the calls made while AOT autograd traces the graph (plain Python: the
+   autograd of the private forward ops runs only there, and must be attributed to the compile
+   tests). Mutant runs (one mutant active) trace the trampolines unchanged.
 
 2. No compile caches. tests/conftest.py gives each pytest session a fresh inductor cache folder,
    but mutmut runs every mutant in a process forked from one session: the FX graph and
@@ -31,7 +33,7 @@ _get = trampoline.get_mutant_under_test
 
 def _get_mutant_under_test() -> str:
     name = _get()
-    if name == "stats" and torch.compiler.is_compiling():
+    if name == "stats" and torch.compiler.is_dynamo_compiling():
         return ""
     return name
 

@@ -233,6 +233,15 @@ def ab_summary(pairs: list[dict]) -> dict:
                           "rows": sum(len(p["planted_rows"]) for p in ps)}
     rows = [(p, k) for p in pairs for k in p["rows"] if k not in p["planted_rows"]]
     out["unplanted_rows"] = {"rows": len(rows), "flagged": sum(k in p["false_alarm_rows"] for p, k in rows)}
+    ch = [p["rows"][k] for p, k in rows if "change" in p["rows"][k]]
+    if ch:
+        out["unplanted_rows"] |= {"change_min": min(r["change"] for r in ch),
+                                  "change_max": max(r["change"] for r in ch), "hi_max": max(r["hi"] for r in ch)}
+    for kind in ("1.3x", "2x"):
+        pr = [p["rows"][k] for p in pairs if p["kind"] == kind for k in p["planted_rows"] if "change" in p["rows"][k]]
+        if pr:
+            out[kind] |= {"change_min": min(r["change"] for r in pr), "change_max": max(r["change"] for r in pr),
+                          "lo_min": min(r["lo"] for r in pr)}
     return out
 
 
@@ -259,7 +268,15 @@ def ab_write(dest: Path, meta: dict, pairs: list[dict]) -> None:
                      f"{'yes' if s['met'] else 'no'} |")
     u = summary["unplanted_rows"]
     lines += ["", f"Rows without a plant (all rows of identical pairs, the other ops of planted pairs): "
-                  f"{u['flagged']} of {u['rows']} flagged.", "",
+                  f"{u['flagged']} of {u['rows']} flagged"
+              + (f"; their changes x{u['change_min']:.3f}-{u['change_max']:.3f}, the highest upper bound of an "
+                 f"interval x{u['hi_max']:.3f}." if "change_min" in u else ".")]
+    for t in ("1.3x", "2x"):
+        s = summary[t]
+        if "change_min" in s:
+            lines.append(f"{t}-planted rows: {s['rows_flagged']} of {s['rows']} flagged; changes "
+                         f"x{s['change_min']:.3f}-{s['change_max']:.3f}, the lowest lower bound x{s['lo_min']:.3f}.")
+    lines += ["",
               "Per pair: HEAD/BASE of each row (exp of the median per-pair log ratio), `*` where flagged.", ""]
     keys = sorted({k for p in pairs for k in p["rows"]}, key=lambda k: (k.split("/")[0], k))
     lines += ["| round | kind | exit | " + " | ".join(keys) + " | load | s |",
@@ -330,7 +347,16 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", default=None, help="HH:MM (local): start no round after it")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results/gate-<machine>-<date>)")
     ap.add_argument("extra", nargs="*", help="more options for each blobbench --gate (or ab) run (after --)")
+    ap.add_argument("--rerender", action="store_true",
+                    help="with --ab: rewrite the .md of --out (or the default folder) from its .json, measure nothing")
     args = ap.parse_args(argv)
+    if args.ab and args.rerender:
+        dest = Path(args.out or ROOT / "benchmarks" / "results" / f"gate-ab-cpu-{os.cpu_count()}core-"
+                    f"{dt.date.today().isoformat()}")
+        doc = json.loads((dest / "gate_ab_experiment.json").read_text())
+        ab_write(dest, {k: v for k, v in doc.items() if k not in ("summary", "pairs", "load_1min")}, doc["pairs"])
+        print(f"rewrote {dest / 'gate_ab_experiment.md'}")
+        return 0
     if args.ab:
         return main_ab(args, argv)
     import blobbench.bench.runs as runs_mod

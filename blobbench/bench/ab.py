@@ -8,9 +8,10 @@ left. Here nothing is left between "before" and "after":
 1. **base**: ``BASE`` (any git revision) is exported with ``git archive`` into a cache folder
    (``$BLOBBENCH_CACHE/ab/<commit>``, default ``~/.cache/blobbench/ab/<commit>``) and its extension
    built there CPU-only (``USE_CUDA=0 python setup.py build_ext --inplace``; a few minutes of the
-   CPUs, once per commit). When BASE's C++ sources and build files (``csrc/``, ``setup.py``,
-   ``pyproject.toml``) are those of the working tree, the working tree's built extension is copied
-   instead (the same sources give the same binary), unless ``--rebuild``.
+   CPUs, once per commit). When BASE's C++ sources and build script (``csrc/``, ``setup.py``)
+   are those of the working tree, the working tree's built extension is copied instead (the same
+   sources, compiler and torch give the same binary), unless ``--rebuild``. The copy is the
+   extension the working tree runs, so a stale in-place build is measured on both sides alike.
 2. **two long-lived workers** (two builds of the ``blob`` op namespace cannot share one process),
    base and head, each importing blobbench from its own tree, one thread each
    (:mod:`blobbench.bench.ab_worker`), load the same cases (``--cpu N`` pins both to one CPU).
@@ -49,8 +50,8 @@ import time
 from pathlib import Path
 
 __all__ = ["DEFAULT_AB_FACTOR", "DEFAULT_AB_ALPHA", "AB_IMPLS", "wilcoxon_greater", "paired_test", "judge_time",
-           "judge_memory", "prepare_base", "Side",
-           "run_ab", "format_ab", "BaseError"]
+           "judge_memory", "prepare_base", "build_files_equal", "head_extension", "Side", "WorkerError", "run_ab",
+           "format_ab", "main_ab", "BaseError"]
 
 DEFAULT_AB_FACTOR = 1.10
 DEFAULT_AB_ALPHA = 0.01

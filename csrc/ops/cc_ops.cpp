@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const Kernels* k, const a
       // The composite flags bad ids with NaN (no sync); on the CPU, where a sync is free, the
       // flags say what was wrong, as the fused path does.
       if (out.bad_ids.item<bool>()) {
-        raise_bad_ids(instances, regions, range.bound - 1, prm.activation, op);
+        raise_bad_ids(instances, regions, max_label, prm.activation, op);
       }
       if (out.bad_region.any().item<bool>()) {
         const int64_t first = out.bad_region.reshape({-1}).nonzero()[0][0].item<int64_t>();
@@ -244,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const Kernels* k, const a
   const at::Tensor targets = instances.to(range.labels.scalar_type());
   const bool ok = k->accumulate(as_planes(input), as_planes(range.labels), as_planes(targets), prm,
                                 range.K, range.bound, !compacted, stats);
-  if (!ok) raise_bad_ids(instances, regions, range.bound - 1, prm.activation, op);
+  if (!ok) raise_bad_ids(instances, regions, max_label, prm.activation, op);
   at::Tensor coef = at::empty({B, C, range.K, cc::num_coef(prm)}, input.options().dtype(at::kDouble));
   double value = 0.0;
   const int64_t bad = finalize_cc_host(stats.data_ptr<double>(), B, C, range.K, prm, &value,

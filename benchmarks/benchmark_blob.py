@@ -7,7 +7,10 @@ to be read against ``peakmem_reference`` (the same setup, no loss: the inputs, t
 ``HostCostProxy`` tracks the fused op's per-call host cost on the CPU (issue 10's proxy).
 One crop per profile (``batch=1``) keeps the naive loop to seconds. Blob Dice+CE: ``fused_dice_ce``
 against ``naive_dice_ce`` (the loop with MONAI DiceCELoss per blob) and ``monai_dice_ce`` (MONAI
-DiceCELoss, no instances) in the profile suites, next to the Dice ones.
+DiceCELoss, no instances) in the profile suites, next to the Dice ones. CC-DiceCE (Voronoi regions):
+``fused_cc_dice_ce`` against ``vectorized_cc_dice_ce`` (index_add) and ``naive_cc_dice_ce`` (the loop
+with MONAI DiceCELoss per region), the regions computed once in ``setup``; ``Preprocessing`` times
+what a data pipeline computes per crop: cc3d labelling against the Voronoi regions.
 
 Devices: ``cpu`` and ``cuda`` unless ``$BLOBBENCH_DEVICES`` names others (``cpu,cuda:1``); each is
 normalised to an indexed device in ``setup`` (``cuda`` is the current GPU); CUDA parameters are
@@ -27,13 +30,14 @@ from blobbench.bench.bench import (
     host_cost_proxy,
     loss_fn,
     normalize_device,
+    prepare,
     synchronize,
 )
 from blobbench.bench.synthetic import grid_instances, logits_like, profile_batch
 
 PROFILES = ["ms", "lits", "disco", "shanel", "deepmact"]
 IMPLS = ["fused", "fused_tversky", "vectorized", "naive", "monai_dice", "fused_dice_ce", "naive_dice_ce",
-         "monai_dice_ce"]
+         "monai_dice_ce", "fused_cc_dice_ce", "vectorized_cc_dice_ce", "naive_cc_dice_ce"]
 DEVICES = devices_from_env()
 CUDA_DEVICES = [d for d in DEVICES if d.startswith("cuda")] or ["cuda"]
 
@@ -58,6 +62,7 @@ class _Base:
         self.fn = loss_fn(impl)
         self.x = x.to(device).requires_grad_(True)
         self.inst = inst.to(device)
+        prepare(self.fn, self.inst)  # the CC losses' Voronoi regions, once, as a data pipeline would
         forward_backward(self.fn, self.x, self.inst)  # warm-up: lazy init, allocator
         synchronize(device)
 
@@ -96,6 +101,44 @@ class InstanceScaling(_Base):
             raise NotImplementedError("naive loop over budget (seconds and GBs per call)")
         inst = torch.from_numpy(grid_instances((32, 128, 128), n, seed=0))[None, None]
         self._prepare(logits_like(inst, 0), inst, impl, device)
+
+
+class Preprocessing:
+    """Per training crop, what the data pipeline computes: the instances (cc3d labelling of the
+    binary target, :func:`blobbench.label_instances`) and their Voronoi regions
+    (:func:`blobbench.voronoi_regions`, scipy's feature transform), one crop of each profile, CPU."""
+    params = (PROFILES,)
+    param_names = ["profile"]
+    timeout = 300
+
+    def setup(self, profile):
+        _, inst = profile_batch(profile, seed=0, batch=1)
+        self.mask = inst > 0
+        self.inst = inst
+
+    def time_label_instances(self, profile):
+        blobbench.label_instances(self.mask)
+
+    def time_voronoi_regions(self, profile):
+        blobbench.voronoi_regions(self.inst)
+
+    def track_voronoi_over_labelling(self, profile, reps=5):
+        """Median time of voronoi_regions / median time of label_instances on the same crop,
+        interleaved (the ratio asv tracks across commits; the machine's drift cancels)."""
+        import statistics
+        import time
+
+        tl, tv = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            blobbench.label_instances(self.mask)
+            t1 = time.perf_counter()
+            blobbench.voronoi_regions(self.inst)
+            tl.append(t1 - t0)
+            tv.append(time.perf_counter() - t1)
+        return statistics.median(tv) / statistics.median(tl)
+
+    track_voronoi_over_labelling.unit = "ratio"
 
 
 class CudaMemory:

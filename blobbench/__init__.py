@@ -17,10 +17,12 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from ._ops import dense_label_limit, has_cuda_kernels
+from .cc_losses import CCDiceCELoss, CCDiceLoss, cc_dice, cc_dice_ce
 from .instances import label_instances
 from .losses import BlobDiceCELoss, BlobDiceLoss, BlobTverskyLoss, blob_dice, blob_dice_ce, blob_tversky
-from .metrics import BlobMetrics, blob_metrics, detection_counts
+from .metrics import BlobMetrics, CCDiceMetric, blob_metrics, cc_metrics, detection_counts
 from .stats import InstanceStats, instance_stats
+from .voronoi import voronoi_regions
 
 __version__ = "0.1.0"
 
@@ -28,11 +30,15 @@ __version__ = "0.1.0"
 # are the test oracle, not part of the loss library.
 _LAZY = {
     "LabelInstancesd": "transforms",
+    "VoronoiRegionsd": "transforms",
     "naive_blob_dice": "reference",
     "naive_blob_dice_ce": "reference",
     "naive_blob_loss": "reference",
     "naive_blob_tversky": "reference",
+    "naive_cc_dice": "reference",
+    "naive_cc_dice_ce": "reference",
     "vectorized_blob_loss": "reference",
+    "vectorized_cc_loss": "reference",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,9 +47,12 @@ if TYPE_CHECKING:  # pragma: no cover
         naive_blob_dice_ce,
         naive_blob_loss,
         naive_blob_tversky,
+        naive_cc_dice,
+        naive_cc_dice_ce,
         vectorized_blob_loss,
+        vectorized_cc_loss,
     )
-    from .transforms import LabelInstancesd
+    from .transforms import LabelInstancesd, VoronoiRegionsd
 
 
 def __getattr__(name: str):
@@ -64,12 +73,19 @@ __all__ = [
     "BlobDiceLoss",
     "BlobMetrics",
     "BlobTverskyLoss",
+    "CCDiceCELoss",
+    "CCDiceLoss",
+    "CCDiceMetric",
     "InstanceStats",
     "LabelInstancesd",
+    "VoronoiRegionsd",
     "blob_dice",
     "blob_dice_ce",
     "blob_metrics",
     "blob_tversky",
+    "cc_dice",
+    "cc_dice_ce",
+    "cc_metrics",
     "dense_label_limit",
     "detection_counts",
     "has_cuda_kernels",
@@ -79,7 +95,12 @@ __all__ = [
     "naive_blob_dice_ce",
     "naive_blob_loss",
     "naive_blob_tversky",
+    "naive_cc_dice",
+    "naive_cc_dice_ce",
     "vectorized_blob_loss",
+    "vectorized_cc_loss",
+    "voronoi_regions",
 ]
 if importlib.util.find_spec("monai") is None:  # `from blobbench import *` works without the extra
     __all__.remove("LabelInstancesd")
+    __all__.remove("VoronoiRegionsd")

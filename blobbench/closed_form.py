@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["region_loss", "blob_terms", "global_terms", "reduce_blob_terms"]
+__all__ = ["region_loss", "blob_terms", "global_terms", "reduce_blob_terms", "cc_terms"]
 
 
 def region_loss(
@@ -152,3 +152,34 @@ def reduce_blob_terms(terms: torch.Tensor, present: torch.Tensor) -> torch.Tenso
     element_mean = torch.where(has, plane_mean, 0).sum(1) / n_ch.clamp(min=1)
     has_b = n_ch > 0
     return torch.where(has_b, element_mean, 0).sum() / has_b.sum().clamp(min=1)
+
+
+def cc_terms(
+    I: torch.Tensor,
+    P: torch.Tensor,
+    T: torch.Tensor,
+    E: torch.Tensor | None,
+    N: torch.Tensor,
+    *,
+    loss: str = "dice",
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+) -> torch.Tensor:
+    """The component-wise (Voronoi) term of each region from its sums (docs/design.md, section 9).
+
+    Args:
+        I, P, T, E, N: tensors of one shape (e.g. ``[B, C, K]``): per region, the sum of p * t, of
+            p^q (q = 2 with ``squared_pred``, else q = 1), of t, of the voxels' binary
+            cross-entropies (``loss="dice_ce"`` only; None for ``"dice"``) and the voxel count.
+        loss: ``"dice"``: ``1 - (2 I + nr) / (P + T + dr)``; ``"dice_ce"``:
+            ``lambda_dice * Dice + lambda_ce * E / N``.
+
+    Summed over a plane's regions the same sums give the plane's global term (blob loss's, section
+    2), so this formula serves both.
+    """
+    dice = 1 - (2 * I + smooth_nr) / (P + T + smooth_dr)
+    if loss == "dice":
+        return dice
+    return lambda_dice * dice + lambda_ce * E / N.clamp(min=1)

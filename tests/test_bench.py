@@ -223,6 +223,53 @@ def test_report_dice_ce_without_dice(tmp_path):
     assert "| ms 1x1x8x8x8 | cpu | 2 [" in block and "| over budget | 0.25 [" in block
 
 
+def test_report_cc_rows_have_their_own_block_and_ratios(tmp_path):
+    # CC-DiceCE rows: ratios against blob.cc_dice_ce (not blob.dice or blob.dice_ce), their own block
+    # in the table, headline ratios and README table; planted medians, so every ratio is known.
+    from blobbench.bench.noise import summarize_times
+    from blobbench.bench.report import print_report, ratios, readme_block
+
+    def m(impl, ms, peak_mb):
+        t = [ms / 1e3 * f for f in (0.9, 1.0, 1.0, 1.1)]
+        return {"case": "ms", "kind": "profile", "impl": impl, "device": "cpu", "status": "ok", "times_s": t,
+                "peak_bytes": int(peak_mb * 2**20), **summarize_times(t)}
+
+    res = {"machine": {"summary": "test"}, "settings": {"devices": ["cpu"], "reps": 4, "profiles": ["ms"]},
+           "cases": [{"name": "ms", "kind": "profile", "shape": [1, 1, 8, 8, 8], "blobs": [3], "meta": {}}],
+           "measurements": [m("fused", 1.0, 5), m("fused_dice_ce", 2.0, 10), m("monai_dice_ce", 8.0, 40),
+                            m("fused_cc_dice_ce", 4.0, 20), m("vectorized_cc_dice_ce", 6.0, 30),
+                            m("naive_cc_dice_ce", 400.0, 800)],
+           "checks": {}}
+    (row,) = ratios(res, "cc_dice_ce")
+    assert row["fused_median_s"] == pytest.approx(4e-3)
+    assert row["speedup_vs_naive_cc_dice_ce"] == pytest.approx(100.0)
+    assert row["speedup_vs_vectorized_cc_dice_ce"] == pytest.approx(1.5)
+    assert row["time_over_monai"] == pytest.approx(0.5) and row["memory_over_monai"] == pytest.approx(0.5)
+    assert row["memory_over_naive"] == pytest.approx(20 / 800)
+    (ce,) = ratios(res, "dice_ce")
+    assert ce["time_over_monai"] == pytest.approx(0.25)   # MONAI DiceCELoss stays against blob.dice_ce
+    import io
+
+    buf = io.StringIO()
+    print_report(res, file=buf)
+    text = buf.getvalue()
+    table = text.split("headline ratios")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("  ")]
+    cc_head = next(i for i, ln in enumerate(lines) if ln.startswith("  -- CC-DiceCE"))
+    ce_head = next(i for i, ln in enumerate(lines) if ln.startswith("  -- blob Dice+CE"))
+    assert ce_head < cc_head
+    cc_rows = [ln for ln in lines[cc_head + 1:] if not ln.startswith("  --")]
+    by_name = {ln[2:44].strip(): ln for ln in cc_rows}
+    assert set(by_name) == {"naive loop (MONAI DiceCELoss per region)", "vectorized CC-DiceCE (index_add)",
+                            "fused blob.cc_dice_ce"}
+    # time/fused against blob.cc_dice_ce
+    assert "100.00x" in by_name["naive loop (MONAI DiceCELoss per region)"]
+    assert "1.50x" in by_name["vectorized CC-DiceCE (index_add)"] and "1.00x" in by_name["fused blob.cc_dice_ce"]
+    assert "headline ratios, CC-DiceCE" in text
+    block = readme_block(res, tmp_path)
+    assert "CC-DiceCE (`cc_dice_ce`" in block and "| ms 1x1x8x8x8 | cpu | 4 [" in block and "| 1.50x [" in block
+
+
 def test_command_sweep_plots(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"

@@ -65,3 +65,32 @@ def test_include_background_false_needs_two_channels():
     x, inst = _case(C=1)
     with pytest.raises(ValueError, match=r"include_background=False needs at least 2 channels"):
         BlobDiceLoss(include_background=False)(x, inst)
+
+
+FULL_MESSAGES = [
+    (dict(to_onehot_y=True),
+     "to_onehot_y has no meaning for blob loss: the target holds instance ids per channel, not class indices; "
+     "build them from a class map with blobbench.label_instances(class_map, num_classes=C)"),
+    (dict(reduction="sum"),
+     "reduction must be 'mean', got 'sum': blob loss is defined as a mean over the instances, channels and batch "
+     "elements (paper Eq. 2 and 3), so there is no per-element loss to return or sum"),
+    (dict(softmax=True, include_background=False),
+     "include_background=False is not supported with softmax: the fused op's global term averages every class, "
+     "the background class (channel 0) included"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", FULL_MESSAGES, ids=["to_onehot_y", "reduction", "include_background"])
+def test_monai_option_errors_say_why_in_full(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        BlobDiceLoss(**kwargs)
+    assert str(e.value) == f"BlobDiceLoss: {message}"
+
+
+@pytest.mark.parametrize("cls", [BlobDiceLoss, BlobTverskyLoss])
+def test_module_passes_max_label_to_the_op(cls):
+    """The module's max_label reaches the op: an id above it raises (on the CPU)."""
+    x, inst = _case()
+    with pytest.raises(ValueError, match=r"holds an id above max_label \(the largest is \d+, max_label = 0\)"):
+        cls(max_label=0)(x, inst)
+    assert torch.equal(cls(max_label=int(inst.max()))(x, inst), cls()(x, inst))

@@ -22,7 +22,7 @@ pytest.importorskip("nnunetv2", reason='needs nnunetv2: pip install -e ".[nnunet
 pytest.importorskip("monai", reason="the loop reference needs MONAI")
 
 from blobbench.integrations import nnunet as integration  # noqa: E402
-from blobbench.reference import naive_blob_dice, naive_blob_dice_ce  # noqa: E402
+from blobbench.reference import naive_blob_dice, naive_blob_dice_ce, naive_cc_dice_ce  # noqa: E402
 
 pytestmark = pytest.mark.nnunet
 
@@ -136,6 +136,90 @@ def test_trainer_loss_equals_the_loop_reference(nnunet_dirs, cls, reference):
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def cc_trainer_and_batch(nnunet_dirs):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    trainer = _make_trainer(integration.nnUNetTrainerGlobalCCDiceCE, nnunet_dirs)
+    dl_tr, dl_val = trainer.get_dataloaders()
+    return trainer, dl_tr, dl_val, next(dl_tr)
+
+
+def _nearest_instance_ids(instances: np.ndarray, spacing) -> list[set]:
+    """Brute force, per voxel: the set of instance ids at the minimal (spacing-weighted) distance."""
+    coords = np.stack(np.nonzero(instances), axis=1).astype(np.float64)
+    ids = instances[instances > 0]
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in instances.shape], indexing="ij"), -1).reshape(-1, instances.ndim)
+    d2 = ((((grid[:, None, :] - coords[None]) * np.asarray(spacing)) ** 2).sum(-1))
+    best = d2.min(1, keepdims=True)
+    return [set(ids[row].tolist()) for row in np.isclose(d2, best, rtol=0, atol=1e-9)]
+
+
+def test_cc_target_carries_the_voronoi_regions_of_every_scale(cc_trainer_and_batch):
+    # The regions of each scale are the Voronoi partition of that scale's own instance maps (brute
+    # force here), with distances in full-resolution voxels: spacing 1/s for a scale factor s.
+    trainer, _, _, batch = cc_trainer_and_batch
+    target = batch["target"]
+    scales = trainer._get_deep_supervision_scales()
+    assert isinstance(target, list) and len(target) == len(scales) == 3
+    for tgt, scale in zip(target, scales):
+        assert tgt.shape[1] == 5  # class map, 2 instance maps, 2 region maps
+        instances, regions = tgt[:, 1:3], tgt[:, 3:5]
+        torch.testing.assert_close(instances > 0, torch.stack([tgt[:, 0] == 1, tgt[:, 0] == 2], 1))
+        spacing = [1.0 / f for f in scale]
+        for b in range(tgt.shape[0]):
+            for c in range(2):
+                inst, reg = instances[b, c].numpy(), regions[b, c].numpy()
+                if not inst.any():
+                    assert not reg.any()
+                    continue
+                if tgt is not target[-1] and b > 0:
+                    continue  # brute force on every plane of the coarsest scale, on one sample elsewhere
+                nearest = _nearest_instance_ids(inst, spacing)
+                got = reg.reshape(-1).tolist()
+                wrong = sum(g not in ok for g, ok in zip(got, nearest))
+                assert wrong == 0, f"scale {scale}, b={b}, c={c}: {wrong} voxels not in their nearest instance's region"
+
+
+def _expected_cc_loss(output, target, alpha: float) -> torch.Tensor:
+    """nnU-Net's deep-supervision sum of the loop reference, on the softmax probabilities as logits."""
+    expected = torch.zeros((), dtype=torch.float64)
+    for w, out, tgt in zip(_ds_weights(len(output)), output, target):
+        if w == 0:
+            continue
+        p = out.double().softmax(1)[:, 1:]
+        logits = torch.log(p) - torch.log1p(-p)
+        expected = expected + w * naive_cc_dice_ce(logits, tgt[:, 1:3].long(), tgt[:, 3:5].long(), alpha, 1.0)
+    return expected
+
+
+@pytest.mark.parametrize("cls, alpha", [("nnUNetTrainerGlobalCCDiceCE", 1.0), ("nnUNetTrainerCCDiceCE", 0.0)])
+def test_cc_trainer_loss_equals_the_loop_reference(nnunet_dirs, cc_trainer_and_batch, cls, alpha):
+    _, _, _, batch = cc_trainer_and_batch
+    torch.manual_seed(0)
+    trainer = _make_trainer(getattr(integration, cls), nnunet_dirs)
+    with torch.no_grad():
+        output = trainer.network(batch["data"])
+        loss = trainer.loss(output, batch["target"])
+    expected = _expected_cc_loss(output, batch["target"], alpha)
+    assert torch.isfinite(loss) and expected > 0
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cc_training_iterations_give_finite_losses(cc_trainer_and_batch):
+    trainer, dl_tr, dl_val, _ = cc_trainer_and_batch
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.network.train()
+    losses = [float(trainer.train_step(next(dl_tr))["loss"]) for _ in range(2)]
+    assert all(np.isfinite(losses)), losses
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.network.parameters()))
+    trainer.network.eval()
+    with torch.no_grad():
+        val = trainer.validation_step(next(dl_val))
+    assert np.isfinite(val["loss"])
+    assert val["tp_hard"].shape == (2,)
+
+
 def test_training_iterations_give_finite_losses(trainer_and_loaders):
     trainer, dl_tr, dl_val = trainer_and_loaders
     before = [p.detach().clone() for p in trainer.network.parameters()]
@@ -153,13 +237,16 @@ def test_training_iterations_give_finite_losses(trainer_and_loaders):
 def test_nnunet_finds_the_trainers_through_nnUNet_extTrainer(nnunet_dirs):
     code = (
         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
-        "for name in ('nnUNetTrainerBlobDiceCE', 'nnUNetTrainerBlobDice'):\n"
+        "for name in ('nnUNetTrainerBlobDiceCE', 'nnUNetTrainerBlobDice', 'nnUNetTrainerGlobalCCDiceCE', "
+        "'nnUNetTrainerCCDiceCE'):\n"
         "    c = find(name); print(c.__module__, c.__qualname__)\n"
     )
     env = {**os.environ, "nnUNet_extTrainer": str(integration.trainer_folder())}
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
     assert "blobbench.integrations.nnunet nnUNetTrainerBlobDiceCE" in out
     assert "blobbench.integrations.nnunet nnUNetTrainerBlobDice\n" in out
+    assert "blobbench.integrations.nnunet nnUNetTrainerGlobalCCDiceCE" in out
+    assert "blobbench.integrations.nnunet nnUNetTrainerCCDiceCE" in out
 
 
 def test_install_writes_and_uninstall_removes_the_shim(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,12 @@ def test_readme_has_examples():
 
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
+def test_readme_example_asserts_its_results(i):
+    """A block that only has to run proves little: each one checks what it computed."""
+    assert re.search(r"^assert ", BLOCKS[i], flags=re.M), f"README.md python block {i} asserts nothing"
+
+
+@pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_example_runs(i, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[i], f"README.md python block {i}", "exec"), {"__name__": "__readme__"})

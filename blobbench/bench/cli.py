@@ -19,7 +19,7 @@ from .noise import DEFAULT_FACTOR, DEFAULT_THRESHOLD
 
 DEFAULT_PROFILES = ("ms", "lits", "disco", "shanel", "deepmact")
 DEFAULT_IMPLS = ("naive", "vectorized", "fused", "fused_tversky", "monai_dice", "naive_dice_ce", "fused_dice_ce",
-                 "monai_dice_ce")
+                 "monai_dice_ce", "naive_cc_dice_ce", "vectorized_cc_dice_ce", "fused_cc_dice_ce")
 DEFAULT_SWEEP_N = (1, 4, 16, 64, 256, 1000, 2000)
 DEFAULT_SWEEP_EDGES = (32, 64, 128, 256)
 GATE_PROFILES = ("ms", "shanel")
@@ -27,7 +27,9 @@ GATE_REPS = 30
 
 USAGE = """blobbench [bench] [options]                 benchmark (below)
        blobbench train [options]                   train with dice / blob dice (blobbench train --help)
+       blobbench quality [options]                 3D loss quality by lesion size (blobbench quality --help)
        blobbench compare OLD NEW [options]         two runs side by side (blobbench compare --help)
+       blobbench ab BASE [options]                 BASE and the working tree measured interleaved (blobbench ab --help)
        blobbench report RUN [options]              redraw a run's report and plots (blobbench report --help)"""
 
 DESCRIPTION = """\
@@ -133,7 +135,8 @@ def build_parser():
     ap.add_argument("--sweep-count", type=int, default=25, help="instances in the volume sweep (default 25)")
     ap.add_argument("--impls", type=_csv(str), default=list(DEFAULT_IMPLS),
                     help="implementations for the profiles: naive, vectorized, fused, fused_tversky, "
-                         "naive_tversky, monai_dice, naive_dice_ce, fused_dice_ce, monai_dice_ce (default: "
+                         "naive_tversky, monai_dice, naive_dice_ce, fused_dice_ce, monai_dice_ce, naive_cc_dice_ce, "
+                         "vectorized_cc_dice_ce, fused_cc_dice_ce (default: "
                          "all but naive_tversky); the sweeps use the Dice ones among them (naive, vectorized, "
                          "fused, monai_dice)")
     ap.add_argument("--devices", type=_csv(str), default=None,
@@ -544,6 +547,115 @@ def main_train(argv):
     return 0
 
 
+def build_quality_parser():
+    from .quality import QUICK, QualityConfig
+    from .quality import __doc__ as quality_doc
+
+    d = QualityConfig()
+    ap = argparse.ArgumentParser(prog="blobbench quality", description=plain_text(quality_doc),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a few-minute version (plumbing and a first look, not an answer): {QUICK}; options "
+                         "given explicitly still apply")
+    ap.add_argument("--loss", type=_csv(str), default=None,
+                    help=f"losses, comma separated (default {','.join(d.losses)}; dice_ce, the baseline of the "
+                         "paired differences, is added if missing): dice = MONAI DiceLoss, dice_ce = MONAI "
+                         "DiceCELoss, blob_dice = blobbench.BlobDiceLoss, blob_dice_ce = blobbench.BlobDiceCELoss "
+                         "(alpha 2, beta 1), cc_dice_ce = blobbench.cc_dice_ce (needs scipy); all with a sigmoid")
+    ap.add_argument("--seeds", type=_csv(int), default=None,
+                    help=f"seeds, comma separated (default {','.join(map(str, d.seeds))})")
+    ap.add_argument("--iterations", type=int, default=None, help=f"training steps per run (default {d.iterations})")
+    ap.add_argument("--batch", type=int, default=None, help=f"crops per step (default {d.batch})")
+    ap.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr})")
+    ap.add_argument("--size", type=int, default=None, help=f"volume edge (default {d.size})")
+    ap.add_argument("--crop", type=int, default=None, help=f"training crop edge (default {d.crop})")
+    ap.add_argument("--features", type=_csv(int), default=None,
+                    help=f"MONAI UNet channels per level, at least two (default {','.join(map(str, d.features))}); "
+                         "--crop and --size must be multiples of 2 ** (levels - 1)")
+    ap.add_argument("--train-volumes", type=int, default=None,
+                    help=f"training volumes per seed (default {d.train_volumes})")
+    ap.add_argument("--test-volumes", type=int, default=None, help=f"test volumes (default {d.test_volumes})")
+    ap.add_argument("--n-boot", type=int, default=None, help=f"bootstrap resamples (default {d.n_boot})")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--device", default=None,
+                    help="cpu, cuda or cuda:N (default: cuda when a GPU and the CUDA kernels are present)")
+    ap.add_argument("--out", default="blobbench-quality", help="output folder (default ./blobbench-quality)")
+    ap.add_argument("--quiet", action="store_true", help="no step progress (the per-run line stays)")
+    ap.add_argument("--redraw", action="store_true",
+                    help="no training: recompute the statistics, table.md and the figure from --out's "
+                         "train_summary.json (the bootstrap is seeded: the same numbers)")
+    return ap
+
+
+def main_quality(argv):
+    from dataclasses import replace
+
+    from .quality import BASELINE, QUICK, QualityConfig, available_losses, run_quality
+
+    ap = build_quality_parser()
+    args = ap.parse_args(argv)
+    if args.redraw:
+        from .quality import resummarize
+
+        try:
+            resummarize(args.out)
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--redraw: cannot read {args.out}/train_summary.json: {e}")
+        return 0
+    cfg = QualityConfig(**(QUICK if args.quick else {}))
+    given = {k: getattr(args, k) for k in ("iterations", "batch", "lr", "size", "crop", "train_volumes",
+                                           "test_volumes", "n_boot") if getattr(args, k) is not None}
+    for k, v in given.items():
+        if v <= 0:
+            ap.error(f"--{k.replace('_', '-')} must be > 0, got {v}")
+    if args.loss:
+        for loss in args.loss:
+            if loss not in available_losses():
+                ap.error(f"unknown loss {loss!r}; choose from {', '.join(available_losses())}")
+        if len(set(args.loss)) != len(args.loss):
+            ap.error("--loss must not repeat a loss")
+        given["losses"] = tuple(args.loss) if BASELINE in args.loss else (BASELINE, *args.loss)
+    else:  # cc_dice_ce needs scipy (blobbench[instances]); without it the others run
+        given["losses"] = tuple(x for x in cfg.losses if x in available_losses())
+    if args.seeds:
+        if len(set(args.seeds)) != len(args.seeds):
+            ap.error("--seeds must not repeat a seed")
+        given["seeds"] = tuple(args.seeds)
+    if args.features:
+        if len(args.features) < 2 or min(args.features) <= 0:
+            ap.error(f"--features must be at least two positive channel counts (UNet levels), got {args.features}")
+        given["features"] = tuple(args.features)
+    if args.threads is not None and args.threads <= 0:
+        ap.error(f"--threads must be > 0, got {args.threads}")
+    cfg = replace(cfg, **given)
+    if cfg.crop > cfg.size:
+        ap.error(f"--crop ({cfg.crop}) must not exceed --size ({cfg.size})")
+    div = 2 ** (len(cfg.features) - 1)  # the UNet halves each level: its input edge must divide
+    for name, v in (("crop", cfg.crop), ("size", cfg.size)):
+        if v % div:
+            ap.error(f"--{name} ({v}) must be a multiple of {div} (2 ** (levels - 1) for --features "
+                     f"{','.join(map(str, cfg.features))})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import blobbench
+
+    from .bench import normalize_device
+
+    gpu = torch.cuda.is_available() and blobbench.has_cuda_kernels()
+    try:
+        device = normalize_device(args.device or ("cuda" if gpu else "cpu"))
+    except ValueError as e:
+        ap.error(f"--device: {e}")
+    cfg = replace(cfg, device=device, threads=args.threads)
+    n = len(cfg.losses) * len(cfg.seeds)
+    print(f"blobbench quality: {n} runs ({', '.join(cfg.losses)} x seeds {list(cfg.seeds)}), {cfg.iterations} steps "
+          f"of {cfg.batch} crops {cfg.crop}^3, volumes {cfg.size}^3, {device}, {torch.get_num_threads()} threads",
+          flush=True)
+    run_quality(cfg, args.out, progress=not args.quiet)
+    print(f"wrote {args.out}/train_summary.json, table.md, sensitivity_by_size.png")
+    return 0
+
+
 def build_compare_parser():
     from .compare import DEFAULT_ALPHA
     from .compare import DEFAULT_FACTOR as DEFAULT_GATE_FACTOR
@@ -646,8 +758,14 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return main_train(argv[1:])
+    if argv and argv[0] == "quality":
+        return main_quality(argv[1:])
     if argv and argv[0] == "compare":
         return main_compare(argv[1:])
+    if argv and argv[0] == "ab":
+        from .ab import main_ab
+
+        return main_ab(argv[1:])
     if argv and argv[0] == "report":
         return main_report(argv[1:])
     if argv and argv[0] == "bench":

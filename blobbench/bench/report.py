@@ -17,11 +17,16 @@ def _by(results, case, device):
 
 
 #: implementation -> the fused op its "time/fused" and "mem/fused" columns are against (default
-#: ``fused``, blob Dice): the Dice+CE ones against ``fused_dice_ce``.
-RATIO_BASE = {impl: LOSSES["dice_ce"][1] for impl in LOSSES["dice_ce"] if impl}
+#: ``fused``, blob Dice): the Dice+CE ones against ``fused_dice_ce``, the CC ones against
+#: ``fused_cc_dice_ce`` (MONAI DiceCELoss stays with blob Dice+CE).
+RATIO_BASE = {impl: LOSSES["dice_ce"][1] for impl in LOSSES["dice_ce"] if impl} | {
+    impl: LOSSES["cc_dice_ce"][1] for impl in ("naive_cc_dice_ce", "vectorized_cc_dice_ce", "fused_cc_dice_ce")}
+#: the fused op of each block of a case's table -> the title of the block
+_BLOCK_TITLE = {"fused_dice_ce": "blob Dice+CE", "fused_cc_dice_ce": "CC-DiceCE (Voronoi regions)"}
 
 #: loss -> the implementations its headline ratios put against the fused op.
-_RATIO_OTHERS = {"dice": ("naive", "vectorized", "monai_dice"), "dice_ce": ("naive_dice_ce", "monai_dice_ce")}
+_RATIO_OTHERS = {"dice": ("naive", "vectorized", "monai_dice"), "dice_ce": ("naive_dice_ce", "monai_dice_ce"),
+                 "cc_dice_ce": ("naive_cc_dice_ce", "vectorized_cc_dice_ce", "monai_dice_ce")}
 
 
 def _q(r, k):
@@ -85,8 +90,8 @@ def ratios(result: dict, loss: str = "dice") -> list[dict]:
 
 
 def all_ratios(result: dict) -> list[dict]:
-    """:func:`ratios` of blob Dice, then of blob Dice+CE (each row says its ``loss``)."""
-    return ratios(result, "dice") + ratios(result, "dice_ce")
+    """:func:`ratios` of blob Dice, blob Dice+CE, then CC-DiceCE (each row says its ``loss``)."""
+    return ratios(result, "dice") + ratios(result, "dice_ce") + ratios(result, "cc_dice_ce")
 
 
 def _cell(r, noisy=False):
@@ -185,13 +190,14 @@ def print_report(result: dict, file=None) -> None:
         for device in devices:
             m = _by(meas, case["name"], device)
             # blob Dice and Tversky rows first (ratios against blob.dice), then blob Dice+CE (against
-            # blob.dice_ce) under a line that says so
-            order = sorted(m, key=lambda i: i in RATIO_BASE)
-            for impl in order:
+            # blob.dice_ce), then CC-DiceCE (against blob.cc_dice_ce), each under a line that says so
+            blocks = ["fused", *_BLOCK_TITLE]
+            order = sorted(m, key=lambda i: blocks.index(RATIO_BASE.get(i, "fused")))
+            for k, impl in enumerate(order):
                 r = m[impl]
                 base = RATIO_BASE.get(impl, "fused")
-                if base != "fused" and impl == next(i for i in order if i in RATIO_BASE):
-                    p(f"  -- blob Dice+CE ({device}): time/fused and mem/fused against {IMPLEMENTATIONS[base]}")
+                if base != "fused" and (k == 0 or RATIO_BASE.get(order[k - 1], "fused") != base):
+                    p(f"  -- {_BLOCK_TITLE[base]} ({device}): time/fused and mem/fused against {IMPLEMENTATIONS[base]}")
                 f = m.get(base)
                 noisy = flags.get((case["name"], impl, device))
                 if r["status"] == "ok":
@@ -275,6 +281,17 @@ def print_report(result: dict, file=None) -> None:
             p(f"  {r['case']:12s} {r['device']:7s} {r['fused_median_s'] * 1e3:9.3g} "
               f"{_with_interval(r, 'speedup_vs_naive_dice_ce', 'x'):>22s} {_with_interval(r, 'time_over_monai'):>22s} "
               f"{_f2(r.get('memory_over_monai')):>19s} {_f3(r.get('memory_over_naive')):>19s}")
+    cc_rows = ratios(result, "cc_dice_ce")
+    if cc_rows:
+        p("\nheadline ratios, CC-DiceCE (fused blob.cc_dice_ce against the loop with MONAI DiceCELoss per Voronoi "
+          "region, the vectorized index_add reference and plain MONAI DiceCELoss; regions computed beforehand)")
+        p(f"  {'case':12s} {'device':7s} {'fused ms':>9s} {'vs naive loop':>22s} {'vs vectorized':>22s} "
+          f"{'fused/MONAI time':>22s} {'fused/MONAI memory':>19s}")
+        for r in cc_rows:
+            p(f"  {r['case']:12s} {r['device']:7s} {r['fused_median_s'] * 1e3:9.3g} "
+              f"{_with_interval(r, 'speedup_vs_naive_cc_dice_ce', 'x'):>22s} "
+              f"{_with_interval(r, 'speedup_vs_vectorized_cc_dice_ce', 'x'):>22s} "
+              f"{_with_interval(r, 'time_over_monai'):>22s} {_f2(r.get('memory_over_monai')):>19s}")
     p("")
 
 
@@ -295,7 +312,9 @@ def _f3(v):
 _STYLE = {"naive": ("tab:red", "o"), "vectorized": ("tab:orange", "s"), "fused": ("tab:blue", "^"),
           "monai_dice": ("tab:gray", "D"), "naive_tversky": ("tab:pink", "o"),
           "fused_tversky": ("tab:cyan", "v"), "naive_dice_ce": ("tab:brown", "o"),
-          "fused_dice_ce": ("tab:green", "P"), "monai_dice_ce": ("tab:olive", "X")}
+          "fused_dice_ce": ("tab:green", "P"), "monai_dice_ce": ("tab:olive", "X"),
+          "naive_cc_dice_ce": ("darkred", "h"), "vectorized_cc_dice_ce": ("gold", "p"),
+          "fused_cc_dice_ce": ("tab:purple", "*")}
 
 
 def _decade_below(values):
@@ -528,6 +547,27 @@ def readme_block(result: dict, run_dir) -> str:
                 f"| {r['case']} {'x'.join(map(str, cases[r['case']]['shape']))} | {r['device']} | "
                 f"{r['fused_median_s'] * 1e3:.3g} [{f['min_s'] * 1e3:.3g}-{f['max_s'] * 1e3:.3g}]{noisy} | "
                 f"{_with_interval(r, 'speedup_vs_naive_dice_ce', 'x')} | {_with_interval(r, 'time_over_monai')} | "
+                f"{_f2(r.get('memory_over_monai'))} | {_f3(r.get('memory_over_naive'))} |")
+    cc_rows = ratios(result, "cc_dice_ce")
+    if cc_rows:
+        lines += [
+            "",
+            "CC-DiceCE (`cc_dice_ce`, Voronoi regions computed beforehand, as a data pipeline does) against the loop "
+            "with MONAI DiceCELoss per region, the vectorized (index_add) CC reference and plain MONAI DiceCELoss; "
+            "[interval] from the repetitions' quartiles:",
+            "",
+            "| case | device | fused ms [min-max] | vs naive loop | vs vectorized | fused / MONAI DiceCELoss time | "
+            "fused / MONAI peak memory | fused / naive peak memory |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in cc_rows:
+            f = _by(result["measurements"], r["case"], r["device"])["fused_cc_dice_ce"]
+            noisy = " (noisy)" if flags.get((r["case"], "fused_cc_dice_ce", r["device"])) else ""
+            lines.append(
+                f"| {r['case']} {'x'.join(map(str, cases[r['case']]['shape']))} | {r['device']} | "
+                f"{r['fused_median_s'] * 1e3:.3g} [{f['min_s'] * 1e3:.3g}-{f['max_s'] * 1e3:.3g}]{noisy} | "
+                f"{_with_interval(r, 'speedup_vs_naive_cc_dice_ce', 'x')} | "
+                f"{_with_interval(r, 'speedup_vs_vectorized_cc_dice_ce', 'x')} | {_with_interval(r, 'time_over_monai')} | "
                 f"{_f2(r.get('memory_over_monai'))} | {_f3(r.get('memory_over_naive'))} |")
     proxy = host_proxy_line(result.get("host_proxy"))
     if proxy:

@@ -1,4 +1,5 @@
-"""nnU-Net v2 trainers that train with blob loss: ``nnUNetTrainerBlobDiceCE`` and ``nnUNetTrainerBlobDice``.
+"""nnU-Net v2 trainers that train with blob loss (``nnUNetTrainerBlobDiceCE``, ``nnUNetTrainerBlobDice``)
+or with its component-wise (Voronoi) sibling (``nnUNetTrainerCCDiceCE``, ``nnUNetTrainerGlobalCCDiceCE``).
 
 Both keep everything of nnU-Net's default ``nnUNetTrainer`` (plans, network, augmentation, deep
 supervision weights, optimiser, schedule, inference) and replace its loss, per output scale, by
@@ -7,7 +8,12 @@ beta = 1) computed by blobbench's fused operators on the device nnU-Net trains o
 
 * ``nnUNetTrainerBlobDiceCE``: :func:`blobbench.blob_dice_ce`, criterion Dice + binary
   cross-entropy with weights 1 and 1 (nnU-Net's own Dice + CE weights);
-* ``nnUNetTrainerBlobDice``: :func:`blobbench.blob_dice`, criterion Dice.
+* ``nnUNetTrainerBlobDice``: :func:`blobbench.blob_dice`, criterion Dice;
+* ``nnUNetTrainerGlobalCCDiceCE``: :func:`blobbench.cc_dice_ce`, ``1 * global + 1 * CC`` with
+  Dice + binary cross-entropy (weights 1 and 1) per Voronoi region, the weighting of Look-Closer's
+  trainer of the same name (Learning to Look Closer, ISBI 2026);
+* ``nnUNetTrainerCCDiceCE``: the CC term alone (``alpha = 0``), as Look-Closer's
+  ``nnUNetTrainerCCDiceCE``.
 
 Use them from the command line, after making nnU-Net find them (see "Finding the trainers")::
 
@@ -34,6 +40,24 @@ for N instances, the cost blob loss is built to avoid), and a case's ids would h
 beside nnU-Net's preprocessed data in a format of ours. Labelling the patch also costs little:
 cc3d on a patch is a few milliseconds (``benchmarks/nnunet_epoch_time.py`` measures it). The one
 difference to labelling whole cases: a blob cut by the patch border into two pieces counts as two.
+
+Where the Voronoi regions are computed (the CC trainers)
+-------------------------------------------------------
+Also once per sample in the augmentation workers, by :class:`VoronoiRegionsTransform`, the last
+step of the pipeline, after nnU-Net's deep-supervision downsampling: at every output scale the
+regions are the Voronoi partition of *that scale's* instance maps (:func:`blobbench.voronoi_regions`,
+scipy's exact feature transform, distances in full-resolution voxels: a scale pooled by 2 along an
+axis has spacing 2 there). Downsampling the full-resolution regions instead would leave regions
+whose instance vanished at a coarse scale, which have no CC term. The regions travel as K more
+target channels after the instance maps: ``(B, S + 2K, *spatial)``. The cost is scipy's transform
+per scale and sample (about 0.3 s for a 128³ patch with 30 blobs on one core; see
+``docs/design.md`` section 9), in the workers, not on the training thread.
+
+Differences from Look-Closer's trainers: their global term is nnU-Net's ``DC_and_CE_loss``
+(softmax CE over both classes, batch Dice where the plans say so, no smoothing), ours is the blob
+operators' global Dice + BCE per (sample, class); their regions come from CuPy on the GPU inside
+the loss, recomputed every step, ours from scipy in the data workers; theirs need a binary task,
+ours take any number of classes or regions (one-vs-rest, below).
 
 Deep supervision: an instance map per output scale
 --------------------------------------------------
@@ -98,7 +122,7 @@ from .._optional import require
 
 require("nnunetv2", "nnunet", "blobbench.integrations.nnunet")
 
-from batchgeneratorsv2.transforms.base.basic_transform import SegOnlyTransform  # noqa: E402
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform, SegOnlyTransform  # noqa: E402
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms  # noqa: E402
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import (  # noqa: E402
     DownsampleSegForDSTransform,
@@ -110,10 +134,14 @@ import blobbench  # noqa: E402
 
 __all__ = [
     "BlobLossForNNUNet",
+    "CCLossForNNUNet",
     "LabelInstancesTransform",
+    "VoronoiRegionsTransform",
     "nnUNetTrainerBlobDice",
     "nnUNetTrainerBlobDiceCE",
     "nnUNetTrainerBlobDiceCE_demo",
+    "nnUNetTrainerCCDiceCE",
+    "nnUNetTrainerGlobalCCDiceCE",
     "one_vs_rest_logits",
     "trainer_folder",
     "write_demo_dataset",
@@ -157,6 +185,51 @@ class LabelInstancesTransform(SegOnlyTransform):
         )[0]
         dtype = torch.int16 if int(instances.max()) <= torch.iinfo(torch.int16).max else torch.int32
         return torch.cat([segmentation.to(dtype), instances.to(dtype)])
+
+
+class VoronoiRegionsTransform(BasicTransform):
+    """Appends the Voronoi regions of a sample's instance maps to its target, at every output scale.
+
+    The last step of a CC trainer's pipeline, after :class:`LabelInstancesTransform` and nnU-Net's
+    ``DownsampleSegForDSTransform``: each scale's target ``(S + K, *spatial)`` becomes
+    ``(S + 2K, *spatial)``, channel ``S + K + k`` holding :func:`blobbench.voronoi_regions` of
+    instance channel ``S + k`` at that scale (same dtype). Distances are in full-resolution voxels:
+    the spacing of a scale is ``1 / s`` per axis for the scale factors ``s`` nnU-Net downsampled with.
+
+    Args:
+        num_semantic_channels: S, the target channels before the instance maps.
+        ds_scales: nnU-Net's deep-supervision scales (one factor or one per axis, per scale), or
+            None when the target is one tensor.
+    """
+
+    def __init__(self, num_semantic_channels: int, ds_scales=None):
+        super().__init__()
+        self.num_semantic_channels = int(num_semantic_channels)
+        self.ds_scales = None if ds_scales is None else [s if isinstance(s, (list, tuple)) else [s] for s in ds_scales]
+
+    def _append_regions(self, segmentation: torch.Tensor, scale) -> torch.Tensor:
+        s = self.num_semantic_channels
+        instances = segmentation[s:]
+        spatial = segmentation.ndim - 1
+        factors = [1.0] * spatial if scale is None else [float(f) for f in scale] * (spatial if len(scale) == 1 else 1)
+        spacing = tuple(1.0 / f for f in factors)
+        regions = blobbench.voronoi_regions(instances[None], spacing=spacing)[0]
+        return torch.cat([segmentation, regions.to(segmentation.dtype)])
+
+    def apply(self, data_dict, **params):
+        segmentation = data_dict.get("segmentation")
+        if segmentation is None:
+            return data_dict
+        if isinstance(segmentation, (list, tuple)):
+            scales = self.ds_scales if self.ds_scales is not None else [None] * len(segmentation)
+            if len(scales) != len(segmentation):
+                raise ValueError(
+                    f"VoronoiRegionsTransform: {len(segmentation)} target scales but {len(scales)} ds_scales"
+                )
+            data_dict["segmentation"] = [self._append_regions(t, sc) for t, sc in zip(segmentation, scales)]
+        else:
+            data_dict["segmentation"] = self._append_regions(segmentation, None)
+        return data_dict
 
 
 def one_vs_rest_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -224,6 +297,28 @@ class BlobLossForNNUNet(torch.nn.Module):
         return self.loss_fn(logits, instances, self.alpha, self.beta, **self.loss_kwargs)
 
 
+class CCLossForNNUNet(BlobLossForNNUNet):
+    """One output scale: nnU-Net's ``(output, target)`` to a CC loss of the foreground channels.
+
+    The target is ``(B, S + 2K, *spatial)``: S semantic channels, K instance maps, then their K
+    Voronoi regions (:class:`VoronoiRegionsTransform`). ``loss_fn`` is
+    :func:`blobbench.cc_dice_ce` (any ``(logits, instances, regions, alpha, beta, **kwargs)``).
+    """
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        extra = target.shape[1] - self.num_semantic_channels
+        if extra <= 0 or extra % 2:
+            raise ValueError(
+                f"CC loss: expected a target of S + 2K channels (S = {self.num_semantic_channels} semantic, K "
+                f"instance maps, K region maps) but it has {target.shape[1]}; was it made by the trainer's "
+                "LabelInstancesTransform and VoronoiRegionsTransform?"
+            )
+        k = extra // 2
+        logits, instances = self.logits_and_instances(output, target[:, : self.num_semantic_channels + k])
+        regions = target[:, self.num_semantic_channels + k :].to(output.device, non_blocking=True)
+        return self.loss_fn(logits, instances, regions, self.alpha, self.beta, **self.loss_kwargs)
+
+
 class _BlobLossTrainer(nnUNetTrainer):
     """nnU-Net's default trainer with its loss replaced by a blob loss (see the module docstring)."""
 
@@ -231,6 +326,9 @@ class _BlobLossTrainer(nnUNetTrainer):
     blob_beta = 1.0
     # cc3d connectivity of the instances; None = full (26 in 3D, 8 in 2D).
     blob_connectivity: int | None = None
+    # the loss module of one scale; the CC trainers also append the Voronoi regions to the target
+    loss_module = BlobLossForNNUNet
+    with_regions = False
 
     def blob_loss_function(self):
         """(function, keyword arguments) of the blob loss of one scale."""
@@ -247,7 +345,7 @@ class _BlobLossTrainer(nnUNetTrainer):
                 "operators have no voxel mask); train with nnUNetTrainer"
             )
         loss_fn, kwargs = self.blob_loss_function()
-        blob = BlobLossForNNUNet(
+        blob = self.loss_module(
             loss_fn,
             self._num_semantic_channels,
             self.label_manager.has_regions,
@@ -274,6 +372,9 @@ class _BlobLossTrainer(nnUNetTrainer):
         steps = transforms.transforms
         at = next((i for i, t in enumerate(steps) if isinstance(t, DownsampleSegForDSTransform)), len(steps))
         steps.insert(at, labelling)
+        if cls.with_regions:
+            n_semantic = 1 if bound.arguments["regions"] is None else len(bound.arguments["regions"])
+            steps.append(VoronoiRegionsTransform(n_semantic, bound.arguments["deep_supervision_scales"]))
         return transforms
 
     @classmethod
@@ -321,6 +422,30 @@ class nnUNetTrainerBlobDice(_BlobLossTrainer):
 
     def blob_loss_function(self):
         return blobbench.blob_dice, {}
+
+
+class nnUNetTrainerGlobalCCDiceCE(_BlobLossTrainer):
+    """nnU-Net's default trainer with CC-DiceCE: ``1 * DiceCE_global + 1 * DiceCE_CC`` per scale.
+
+    The CC term scores every instance on its Voronoi region (:func:`blobbench.cc_dice_ce`); the
+    weights 1 : 1 follow Look-Closer's ``nnUNetTrainerGlobalCCDiceCE``.
+    """
+
+    loss_module = CCLossForNNUNet
+    with_regions = True
+    blob_alpha = 1.0
+    blob_beta = 1.0
+    blob_lambda_dice = 1.0
+    blob_lambda_ce = 1.0
+
+    def blob_loss_function(self):
+        return blobbench.cc_dice_ce, {"lambda_dice": self.blob_lambda_dice, "lambda_ce": self.blob_lambda_ce}
+
+
+class nnUNetTrainerCCDiceCE(nnUNetTrainerGlobalCCDiceCE):
+    """The CC term alone, ``DiceCE_CC`` per scale (``alpha = 0``), as Look-Closer's ``nnUNetTrainerCCDiceCE``."""
+
+    blob_alpha = 0.0
 
 
 class nnUNetTrainerBlobDiceCE_demo(nnUNetTrainerBlobDiceCE):
@@ -396,7 +521,7 @@ def main(argv=None) -> int:
     """``python -m blobbench.integrations.nnunet {path,install,uninstall}``."""
     parser = argparse.ArgumentParser(
         prog="python -m blobbench.integrations.nnunet",
-        description="Make nnUNetv2_train -tr nnUNetTrainerBlobDiceCE (or ...BlobDice) find blobbench's trainers.",
+        description="Make nnUNetv2_train -tr nnUNetTrainerBlobDiceCE (or ...BlobDice, ...CCDiceCE, ...GlobalCCDiceCE) find blobbench's trainers.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("path", help='print the folder for nnUNet_extTrainer (export nnUNet_extTrainer="$(... path)")')

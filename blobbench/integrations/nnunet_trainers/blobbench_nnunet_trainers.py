@@ -10,6 +10,8 @@ try:
         nnUNetTrainerBlobDice,
         nnUNetTrainerBlobDiceCE,
         nnUNetTrainerBlobDiceCE_demo,
+        nnUNetTrainerCCDiceCE,
+        nnUNetTrainerGlobalCCDiceCE,
     )
 except ImportError as e:  # pragma: no cover - only when blobbench is broken or gone
     warnings.warn(f"blobbench's nnU-Net trainers are unavailable: {e}", stacklevel=1)

@@ -70,8 +70,10 @@ def _pip_cuda_includes():
 
 
 def _extension():
-    sources = [os.path.join("csrc", "blob_ops.cpp")]
-    for folder in ("autograd", "cpu"):
+    # csrc/common: the library block and the machinery every operator family shares; csrc/ops: one
+    # family per file group (blob_*, cc_*); then autograd and the CPU kernels (docs/design.md 5.1).
+    sources = []
+    for folder in ("common", "ops", "autograd", "cpu"):
         sources += sorted(glob.glob(os.path.join("csrc", folder, "*.cpp")))
     # -fno-trapping-math: lets GCC if-convert the clamps of the exp polynomial so the activation
     # loops vectorise (the kernels never rely on floating-point exception flags).

@@ -12,7 +12,7 @@ outputs carry the data-dependent size of the coefficient table, which Dynamo mus
 
 The fake kernels below let ``torch.compile`` and ``torch.library.opcheck`` trace the operators
 without running them. They enforce the same argument rules as the C++ checks
-(``check_tensors`` / ``check_inputs`` / ``check_backward_args`` in ``csrc/blob_ops.cpp``), with
+(``check_tensors`` / ``check_inputs`` / ``check_backward_args`` in ``csrc/common/glue.cpp``), with
 the same messages; ``tests/test_edge_cases.py`` holds the two to each other.
 """
 
@@ -33,7 +33,7 @@ _NUM_STATS_CE, _NUM_COEF_CE = 5, 4
 
 
 def dense_label_limit(voxels_per_plane: int) -> int:
-    """Largest label range always kept as a dense table (mirrors ``csrc/blob_ops.cpp``)."""
+    """Largest label range always kept as a dense table (mirrors ``csrc/common/glue.cpp``)."""
     return max(1 << 16, voxels_per_plane // 8)
 
 
@@ -371,6 +371,202 @@ torch.library.register_autograd(
     "blob::_dice_ce_forward", _dice_ce_forward_backward, setup_context=_dice_ce_setup_context
 )
 torch.library.register_autograd("blob::_tversky_forward", _tversky_forward_backward, setup_context=_setup_context)
+
+
+# ---- component-wise (Voronoi) losses: blob::cc_dice, blob::cc_dice_ce -----------------------
+# Schemas (csrc/ops/cc_ops.cpp; semantics in csrc/ops/cc_ops.h and docs/design.md):
+#
+#   cc_dice(Tensor input, Tensor instances, Tensor regions, float alpha=1.0, float beta=1.0, *,
+#           str activation="sigmoid", bool squared_pred=False, float smooth_nr=1e-5,
+#           float smooth_dr=1e-5, int max_label=-1) -> Tensor
+#   cc_dice_ce(Tensor input, Tensor instances, Tensor regions, float alpha=1.0, float beta=1.0, *,
+#              float lambda_dice=1.0, float lambda_ce=1.0, str activation="sigmoid",
+#              bool squared_pred=False, float smooth_nr=1e-5, float smooth_dr=1e-5,
+#              int max_label=-1) -> Tensor
+#   _cc_dice_forward(input, instances, regions, alpha, beta, activation, squared_pred, smooth_nr,
+#                    smooth_dr, max_label) -> (loss, coef (B, C, K, 2), label_ids)
+#   _cc_dice_ce_forward(input, instances, regions, alpha, beta, lambda_dice, lambda_ce, activation,
+#                       squared_pred, smooth_nr, smooth_dr, max_label) -> (loss, coef (B, C, K, 3),
+#                       label_ids)
+#   _cc_dice_backward / _cc_dice_ce_backward(grad, input, instances, regions, coef, label_ids,
+#                                            activation, squared_pred) -> grad_input
+#
+# The loss is the total alpha * global + beta * cc: the global term (blob.dice's / blob.dice_ce's)
+# comes from the same pass. regions: same shape, dtype and device as instances, every voxel the id
+# of its nearest instance of its (b, c) plane (blobbench.voronoi_regions), 0 in planes without
+# instances. max_label bounds the region ids (= the instance ids).
+
+_CC_NUM_STATS, _CC_NUM_COEF = 4, 2
+_CC_NUM_STATS_CE, _CC_NUM_COEF_CE = 5, 3
+
+
+def _check_regions(regions, instances, op):
+    if regions.shape != instances.shape:
+        raise ValueError(
+            f"{op}: `regions` must have the shape of `instances` (B, C, *spatial), got regions "
+            f"{_shape(regions)} and instances {_shape(instances)}"
+        )
+    if regions.dtype != instances.dtype:
+        raise TypeError(
+            f"{op}: `regions` must have the dtype of `instances`, got regions {_name(regions.dtype)} "
+            f"and instances {_name(instances.dtype)}"
+        )
+    if regions.device != instances.device:
+        raise ValueError(
+            f"{op}: `regions` and `instances` must be on the same device, got regions on "
+            f"{regions.device} and instances on {instances.device}"
+        )
+
+
+def _check_cc_ce(activation, lambda_dice, lambda_ce, op):
+    """cc_dice_ce's own options, in the C++ order: activation, softmax refused, lambdas."""
+    _check_activation(activation, op)
+    if activation == "softmax":
+        raise ValueError(
+            f'{op}: activation="softmax" is not supported: CC Dice+CE takes one binary '
+            f'cross-entropy per channel and per region (activation "sigmoid" or "none"); use '
+            f"blob.cc_dice with softmax, or one sigmoid channel per class"
+        )
+    if not (lambda_dice >= 0 and lambda_ce >= 0):
+        raise ValueError(f"{op}: `lambda_dice` and `lambda_ce` must be >= 0, got {lambda_dice:f} and {lambda_ce:f}")
+
+
+def _cc_forward_fake(op, input, instances, regions, activation, max_label, with_ce):
+    _check_inputs(input, instances, activation, "paper", max_label, op)
+    _check_regions(regions, instances, op)
+    B, C = input.shape[:2]
+    voxels = math.prod(input.shape[2:])
+    ncoef = _CC_NUM_COEF_CE if with_ce else _CC_NUM_COEF
+    entries = (_CC_NUM_STATS_CE if with_ce else _CC_NUM_STATS) + ncoef
+    loss = input.new_empty((), dtype=_loss_dtype(input.dtype))
+    if max_label >= 0 and _dense_for_bound(max_label, B * C, voxels, entries):
+        K = max(max_label + 1, 2) if activation == "softmax" else max_label + 1
+        label_ids = regions.new_empty((B, C, 0))
+    else:
+        ctx = torch.library.get_ctx()
+        K = ctx.new_dynamic_size(min=2)
+        label_ids = regions.new_empty((B, C, ctx.new_dynamic_size()))
+    coef = input.new_empty((B, C, K, ncoef), dtype=torch.float64)
+    return loss, coef, label_ids
+
+
+@torch.library.register_fake("blob::_cc_dice_forward")
+def _cc_dice_forward_fake(
+    input, instances, regions, alpha, beta, activation, squared_pred, smooth_nr, smooth_dr, max_label
+):
+    _check_activation(activation, "blob.cc_dice")
+    return _cc_forward_fake("blob.cc_dice", input, instances, regions, activation, max_label, False)
+
+
+@torch.library.register_fake("blob::_cc_dice_ce_forward")
+def _cc_dice_ce_forward_fake(
+    input,
+    instances,
+    regions,
+    alpha,
+    beta,
+    lambda_dice,
+    lambda_ce,
+    activation,
+    squared_pred,
+    smooth_nr,
+    smooth_dr,
+    max_label,
+):
+    _check_cc_ce(activation, lambda_dice, lambda_ce, "blob.cc_dice_ce")
+    return _cc_forward_fake("blob.cc_dice_ce", input, instances, regions, activation, max_label, True)
+
+
+@torch.library.register_fake("blob::cc_dice")
+def _cc_dice_fake(
+    input,
+    instances,
+    regions,
+    alpha=1.0,
+    beta=1.0,
+    *,
+    activation="sigmoid",
+    squared_pred=False,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    max_label=-1,
+):
+    _check_activation(activation, "blob.cc_dice")
+    _check_inputs(input, instances, activation, "paper", max_label, "blob.cc_dice")
+    _check_regions(regions, instances, "blob.cc_dice")
+    return input.new_empty((), dtype=_loss_dtype(input.dtype))
+
+
+@torch.library.register_fake("blob::cc_dice_ce")
+def _cc_dice_ce_fake(
+    input,
+    instances,
+    regions,
+    alpha=1.0,
+    beta=1.0,
+    *,
+    lambda_dice=1.0,
+    lambda_ce=1.0,
+    activation="sigmoid",
+    squared_pred=False,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+    max_label=-1,
+):
+    _check_cc_ce(activation, lambda_dice, lambda_ce, "blob.cc_dice_ce")
+    _check_inputs(input, instances, activation, "paper", max_label, "blob.cc_dice_ce")
+    _check_regions(regions, instances, "blob.cc_dice_ce")
+    return input.new_empty((), dtype=_loss_dtype(input.dtype))
+
+
+def _cc_backward_fake(op, grad, input, instances, regions, coef, label_ids, activation, ncoef):
+    _check_activation(activation, op)
+    out = _backward_fake(op, grad, input, instances, coef, label_ids, activation, ncoef)
+    _check_regions(regions, instances, op)
+    return out
+
+
+@torch.library.register_fake("blob::_cc_dice_backward")
+def _cc_dice_backward_fake(grad, input, instances, regions, coef, label_ids, activation, squared_pred):
+    return _cc_backward_fake(
+        "blob.cc_dice (backward)", grad, input, instances, regions, coef, label_ids, activation, _CC_NUM_COEF
+    )
+
+
+@torch.library.register_fake("blob::_cc_dice_ce_backward")
+def _cc_dice_ce_backward_fake(grad, input, instances, regions, coef, label_ids, activation, squared_pred):
+    op = "blob.cc_dice_ce (backward)"
+    _check_activation(activation, op)
+    if activation == "softmax":
+        raise ValueError(
+            f'{op}: activation="softmax" is not supported: CC Dice+CE takes one binary '
+            f'cross-entropy per channel and per region (activation "sigmoid" or "none"); use '
+            f"blob.cc_dice with softmax, or one sigmoid channel per class"
+        )
+    return _cc_backward_fake(op, grad, input, instances, regions, coef, label_ids, activation, _CC_NUM_COEF_CE)
+
+
+def _cc_setup_context(ctx, inputs, output):
+    input, instances, regions = inputs[0], inputs[1], inputs[2]
+    _, coef, label_ids = output
+    ctx.save_for_backward(input, instances, regions, coef, label_ids)
+    ctx.mark_non_differentiable(coef, label_ids)
+    ctx.with_ce = len(inputs) == 12
+    ctx.activation = inputs[7] if ctx.with_ce else inputs[5]
+    ctx.squared_pred = bool(inputs[8] if ctx.with_ce else inputs[6])
+
+
+def _cc_forward_backward(ctx, grad_loss, _grad_coef, _grad_ids):
+    input, instances, regions, coef, label_ids = ctx.saved_tensors
+    op = torch.ops.blob._cc_dice_ce_backward if ctx.with_ce else torch.ops.blob._cc_dice_backward
+    grad_input = op(grad_loss, input, instances, regions, coef, label_ids, ctx.activation, ctx.squared_pred)
+    return (grad_input,) + (None,) * (11 if ctx.with_ce else 9)
+
+
+torch.library.register_autograd("blob::_cc_dice_forward", _cc_forward_backward, setup_context=_cc_setup_context)
+torch.library.register_autograd(
+    "blob::_cc_dice_ce_forward", _cc_forward_backward, setup_context=_cc_setup_context
+)
 
 
 def has_cuda_kernels() -> bool:

@@ -15,11 +15,10 @@ binary cross-entropy there (CC-Dice: the Dice part only). L_global is blob loss'
 The defaults alpha = beta = 1 follow "Learning to Look Closer" (``nnUNetTrainerGlobalCCDiceCE``).
 
 The regions partition each plane, so every term is a closed form of per-region sums
-(:func:`blobbench.closed_form.cc_terms`). This release computes them with ``index_add`` over
-plane-offset region ids in plain PyTorch (any device, autograd for the backward,
-:func:`_scatter_cc_loss`); the fused operators ``torch.ops.blob.cc_dice`` / ``cc_dice_ce``
-(one accumulate pass and one backward pass) replace it through :data:`_cc_loss` once they are
-built into the extension.
+(:func:`blobbench.closed_form.cc_terms`). The functions call the fused operators
+``torch.ops.blob.cc_dice`` / ``cc_dice_ce`` (on the CPU one accumulate pass and one backward
+pass; on other devices an ATen composite) through :data:`_cc_loss`; the plain-PyTorch
+``index_add`` path (:func:`_scatter_cc_loss`) is the baseline, :func:`blobbench.vectorized_cc_loss`.
 """
 
 from __future__ import annotations
@@ -205,10 +204,10 @@ def _fused_cc_loss(
                                   lambda_ce=lambda_ce, **kwargs)  # fmt: skip
 
 
-# The implementation behind cc_dice / cc_dice_ce: the scatter path until torch.ops.blob.cc_dice /
-# cc_dice_ce are built into the extension on main (their schemas: /work/notes/cc_op_contract.md of
-# issue 20); then this one line becomes `_cc_loss = _fused_cc_loss`.
-_cc_loss = _scatter_cc_loss
+# The implementation behind cc_dice / cc_dice_ce: the fused operators torch.ops.blob.cc_dice /
+# cc_dice_ce (fused CPU kernels; an ATen composite on other devices). The scatter path stays as the
+# baseline, blobbench.vectorized_cc_loss.
+_cc_loss = _fused_cc_loss
 
 
 def cc_dice(

@@ -458,7 +458,7 @@ def vectorized_cc_loss(
 
     The ``VectorizedCCLoss`` of "Learning to Look Closer" (a segmented sum per sample) in our
     semantics, batched over planes and multi-class. Same result as :func:`blobbench.cc_dice` /
-    :func:`blobbench.cc_dice_ce`, which run this path until the fused operator lands. Syncs with
+    :func:`blobbench.cc_dice_ce` (the fused operators) up to rounding. Syncs with
     the host (the id range, the checks of the regions).
     """
     if loss not in ("dice", "dice_ce"):

@@ -74,7 +74,7 @@ def test_a_failing_step_fails_the_check_and_still_packs(tmp_path):
 
 
 def test_cuda_path_names_are_the_extensions():
-    src = (ROOT / "csrc" / "blob_ops.cpp").read_text()
+    src = (ROOT / "csrc" / "common" / "cuda_paths.cpp").read_text()
     block = re.search(r"kCudaPathNames\[\] = \{(.*?)\};", src, flags=re.S).group(1)
     assert tuple(re.findall(r'"(\w+)"', block)) == cuda_paths.CUDA_PATHS
     assert set(cuda_paths.FORWARD_PATHS) <= set(cuda_paths.CUDA_PATHS)

@@ -2,7 +2,7 @@
 
 The C++ side reads the variable on every call (``blob::cuda_path_enabled``), so a script can run
 the default path and each opt-in path one after the other without a new process. The names are
-those of ``kCudaPathNames`` in ``csrc/blob_ops.cpp`` (a test holds the two lists together).
+those of ``kCudaPathNames`` in ``csrc/common/cuda_paths.cpp`` (a test holds the two lists together).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import contextlib
 import os
 
 VAR = "BLOBBENCH_CUDA_PATHS"
-#: every opt-in CUDA path (csrc/blob_ops.cpp, kCudaPathNames)
+#: every opt-in CUDA path (csrc/common/cuda_paths.cpp, kCudaPathNames)
 CUDA_PATHS = ("vector_loads", "coop_forward", "split_forward", "fused_dice_ce", "softmax_inf", "parallel_finalize")
 #: the opt-in paths that change the Dice/Tversky forward
 FORWARD_PATHS = ("vector_loads", "coop_forward", "split_forward")

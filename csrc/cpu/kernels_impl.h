@@ -294,25 +294,18 @@ bool accumulate_span(const scalar_t* x, const label_t* lab, int64_t row, int64_t
   return ok;
 }
 
-// Writes every entry of stats (rows x (C or 1) x K x 3). Many rows: each worker owns whole rows
-// and accumulates into them in place (no scratch). Few, large rows: each row is split into a
-// fixed number of parts with private tables, merged in part order. Either way the order of the
-// additions does not depend on scheduling, so results are the same bits run to run for a given
-// number of threads; the scratch is bounded by kScratchBytes whatever K is.
-template <typename scalar_t, typename label_t>
-bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
-                      int64_t K, int64_t bound, at::Tensor& stats) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t B = input.size(0), C = input.size(1), V = input.size(2);
-  const scalar_t* x = input.data_ptr<scalar_t>();
-  const label_t* lab = labels.data_ptr<label_t>();
-  double* out = stats.data_ptr<double>();
-  const bool softmax = prm.activation == kSoftmax;
-  const bool squared = uses_pow(prm);
-  const int64_t rows = softmax ? B : B * C;
-  const int64_t row_entries = (softmax ? C : 1) * K * num_stats(prm);
+// Writes every entry of a per-row table (rows x row_entries doubles at `out`), the row driver of
+// every accumulate pass (blob and component-wise): span(row, v0, v1, p, table) sums the voxels
+// [v0, v1) of a row into `table` (zeroed here) with `p` a scratch of `buf` acc_t, and returns
+// false on an id outside the range. Many rows: each worker owns whole rows and accumulates into
+// them in place (no scratch). Few, large rows: each row is split into a fixed number of parts
+// with private tables, merged in part order. Either way the order of the additions does not
+// depend on scheduling, so results are the same bits run to run for a given number of threads;
+// the scratch is bounded by kScratchBytes whatever the table size is.
+template <typename acc_t, typename Span>
+bool accumulate_rows(int64_t rows, int64_t V, int64_t row_entries, int64_t buf, double* out,
+                     const Span& span) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t buf = (softmax ? C : 1) * kBlock;
   std::atomic<bool> bad{false};
 
   // Part 0 of a split row sums into the output in place; parts 1.. need a private table each.
@@ -325,8 +318,7 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
       for (int64_t r = r0; r < r1; ++r) {
         double* table = out + r * row_entries;
         std::fill(table, table + row_entries, 0.0);
-        ok &= accumulate_span(x, lab, r, 0, V, C, V, K, bound, softmax, squared, prm, p.data(),
-                              table);
+        ok &= span(r, int64_t(0), V, p.data(), table);
       }
       if (!ok) bad = true;
     });
@@ -339,10 +331,7 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
       std::vector<acc_t> p(buf);
       double* table = part == 0 ? dst : scratch.data() + (part - 1) * row_entries;
       std::fill(table, table + row_entries, 0.0);
-      if (!accumulate_span(x, lab, r, v0, v1, C, V, K, bound, softmax, squared, prm, p.data(),
-                           table)) {
-        bad = true;
-      }
+      if (!span(r, v0, v1, p.data(), table)) bad = true;
     });
     for (int64_t part = 1; part < parts; ++part) {
       const double* t = scratch.data() + (part - 1) * row_entries;
@@ -350,6 +339,26 @@ bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const L
     }
   }
   return !bad.load();
+}
+
+// Writes every entry of stats (rows x (C or 1) x K x 3, or 5 with the BCE sums): the blob pass.
+template <typename scalar_t, typename label_t>
+bool accumulate_typed(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
+                      int64_t K, int64_t bound, at::Tensor& stats) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t B = input.size(0), C = input.size(1), V = input.size(2);
+  const scalar_t* x = input.data_ptr<scalar_t>();
+  const label_t* lab = labels.data_ptr<label_t>();
+  const bool softmax = prm.activation == kSoftmax;
+  const bool squared = uses_pow(prm);
+  const int64_t rows = softmax ? B : B * C;
+  const int64_t row_entries = (softmax ? C : 1) * K * num_stats(prm);
+  const int64_t buf = (softmax ? C : 1) * kBlock;
+  return accumulate_rows<acc_t>(
+      rows, V, row_entries, buf, stats.data_ptr<double>(),
+      [&](int64_t r, int64_t v0, int64_t v1, acc_t* p, double* table) {
+        return accumulate_span(x, lab, r, v0, v1, C, V, K, bound, softmax, squared, prm, p, table);
+      });
 }
 
 // One label's gradient coefficients: a, b of the Dice part; c, d of the BCE part (Dice+CE).
@@ -400,6 +409,27 @@ inline void elementwise_backward_block(const scalar_t* x, const label_t* l, int6
   }
 }
 
+// The row-block driver of every backward pass: units = rows x V voxels visited in blocks of at
+// most kBlock within one row, in parallel chunks of kGrain; block(u, row, v, m, p, gp, ok)
+// writes the gradient of voxels [u, u + m) (row `row`, offset v), with p and gp scratches of
+// `buf` acc_t, and clears ok on an id outside the coefficient table.
+template <typename acc_t, typename Block>
+bool backward_blocks(int64_t units, int64_t V, int64_t buf, const Block& block) {
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, units, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> p(buf), gp(buf);
+    bool ok = true;
+    for (int64_t u = begin; u < end;) {
+      const int64_t rowi = u / V, v = u % V;
+      const int64_t m = std::min({kBlock, V - v, end - u});
+      block(u, rowi, v, m, p.data(), gp.data(), ok);
+      u += m;
+    }
+    if (!ok) bad = true;
+  });
+  return !bad.load();
+}
+
 template <typename scalar_t, typename label_t>
 bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& labels,
                     const at::Tensor& coef, const LossParams& prm, at::Tensor& grad_input) {
@@ -414,27 +444,22 @@ bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
   const bool squared = prm.squared_pred;
   const acc_t go = static_cast<acc_t>(grad_out);
   const int64_t units = (softmax ? B : B * C) * V;
-  std::atomic<bool> bad{false};
-
-  at::parallel_for(0, units, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> p((softmax ? C : 1) * kBlock), gp((softmax ? C : 1) * kBlock);
-    bool ok = true;
-    for (int64_t u = begin; u < end;) {
-      const int64_t rowi = u / V, v = u % V;
-      const int64_t m = std::min({kBlock, V - v, end - u});
+  const int64_t buf = (softmax ? C : 1) * kBlock;
+  return backward_blocks<acc_t>(units, V, buf, [&](int64_t u, int64_t rowi, int64_t v, int64_t m,
+                                                   acc_t* p, acc_t* gp, bool& ok) {
       if (!softmax) {
         if (prm.with_ce) {
           elementwise_backward_block<true>(x + u, lab + u, m, cf + rowi * K * kNumCoefCE, K, prm,
-                                           p.data(), gp.data(), ok);
+                                           p, gp, ok);
         } else {
           elementwise_backward_block<false>(x + u, lab + u, m, cf + rowi * K * kNumCoef, K, prm,
-                                            p.data(), gp.data(), ok);
+                                            p, gp, ok);
         }
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) gx[u + j] = static_cast<scalar_t>(go * gp[j]);
       } else {
         const int64_t b = rowi;
-        softmax_block(x + b * C * V + v, V, C, m, p.data());
+        softmax_block(x + b * C * V + v, V, C, m, p);
         acc_t dot[kBlock];
         uint8_t derived[kBlock];
         for (int64_t j = 0; j < m; ++j) {
@@ -467,9 +492,5 @@ bool backward_typed(double grad_out, const at::Tensor& input, const at::Tensor& 
             g[j] = static_cast<scalar_t>(go * p[c * kBlock + j] * (gp[c * kBlock + j] - dot[j]));
         }
       }
-      u += m;
-    }
-    if (!ok) bad = true;
   });
-  return !bad.load();
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing of the Python package (issue 23); not run by CI (about an hour on 2 cores).
+# Mutation testing of the Python package (issue 23); not run by CI (hours on 2 cores).
 #
 #   bash benchmarks/mutation/run.sh                  # every module in scope, report to $OUT
 #   bash benchmarks/mutation/run.sh "blobbench.metrics.*"     # some modules (mutant name globs)

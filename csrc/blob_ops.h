@@ -3,7 +3,7 @@
 //
 // Each device file (cpu/blob_loss_kernel.cpp, cuda/blob_loss_kernel.cu) fills a DeviceKernels
 // with its kernels and registers, in its own TORCH_LIBRARY_IMPL block, thin functions that call
-// the drivers below. Autograd lives in autograd/blob_autograd.cpp; schemas in blob_ops.cpp.
+// the drivers below. Autograd lives in autograd/blob_autograd.cpp; schemas in ops/blob_ops.cpp.
 #pragma once
 
 #include <torch/torch.h>
@@ -44,7 +44,7 @@ struct DeviceKernels {
   // Whether accumulate, finalize and backward also compute blob Dice+CE (prm.with_ce: 5 stats
   // and 4 coefficients per label), asked at each call (CUDA: the opt-in path fused_dice_ce).
   // Where not, the device's Dice kernels run and the BCE is added with ATen ops
-  // (dice_ce_forward_composite in blob_ops.cpp).
+  // (dice_ce_forward_composite in ops/blob_drivers.cpp).
   bool (*fused_ce)();
   // Optional (CUDA opt-in paths coop_forward / split_forward): accumulate and finalize of a loss
   // in fewer launches. Arguments as for accumulate and finalize, except `invalid`, which it

@@ -165,8 +165,10 @@ def test_command_dice_ce_rows(tmp_path, capsys):
     assert {m["impl"] for m in res["measurements"]} == set(DEFAULT_IMPLS)
     assert all(m["status"] == "ok" for m in res["measurements"])
     chk = res["checks"]["few.npy"]
-    assert chk["status"] == "ok" and set(chk["checks"]) == {"dice/cpu", "tversky/cpu", "dice_ce/cpu"}
+    assert chk["status"] == "ok" and set(chk["checks"]) == {"dice/cpu", "tversky/cpu", "dice_ce/cpu", "cc_dice_ce/cpu"}
     assert chk["checks"]["dice_ce/cpu"]["crops"] == 2 and chk["checks"]["dice_ce/cpu"]["loss_rel_diff"] < 1e-5
+    # CC-DiceCE: the fused op against the loop over Voronoi regions, per crop
+    assert chk["checks"]["cc_dice_ce/cpu"]["crops"] == 2 and chk["checks"]["cc_dice_ce/cpu"]["loss_rel_diff"] < 1e-5
     assert "check dice_ce/cpu" in text
     by_loss = {r["loss"]: r for r in res["ratios"]}
     ce = by_loss["dice_ce"]

@@ -59,10 +59,10 @@ MUTANTS = [
            "  if (prm.masking != kOfficial || prm.activation != kSigmoid) return 0.0;",
            "  if (prm.masking != kOfficial) return 0.0;", ORACLE),
     Mutant("label_range_check", "off-by-one in the label range: an id equal to max_label is refused",
-           "csrc/blob_ops.cpp", "max_label < 0 || hi <= max_label", "max_label < 0 || hi < max_label",
+           "csrc/common/glue.cpp", "max_label < 0 || hi <= max_label", "max_label < 0 || hi < max_label",
            LABELS),
     Mutant("label_table_size", "off-by-one in the label range: the dense table has max_id entries, not max_id + 1",
-           "csrc/blob_ops.cpp", "  r.bound = max_id + 1;", "  r.bound = max_id;",
+           "csrc/common/glue.cpp", "  r.bound = max_id + 1;", "  r.bound = max_id;",
            LABELS),
 ]
 

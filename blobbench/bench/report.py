@@ -75,15 +75,22 @@ def ratios(result: dict, loss: str = "dice") -> list[dict]:
                     row[f"speedup_vs_{other}_interval"] = [lo, hi]
                 else:
                     row[f"speedup_vs_{other}"] = o["status"]
+            # CC rows: the worker computes the Voronoi regions (scipy) before measuring, which leaves
+            # the process's resident high-water mark above anything the loss then needs, so their
+            # process peak says nothing; the allocator's bytes (CPU) do, where recorded.
+            key = "alloc_peak_bytes" if loss == "cc_dice_ce" and "alloc_peak_bytes" in f else "peak_bytes"
+            if key == "alloc_peak_bytes":
+                row["memory_method"] = "allocator bytes"
             mo = m.get(monai)
             if mo and mo["status"] == "ok":
                 r, lo, hi = time_ratio(f, mo)
                 row["time_over_monai"] = r
                 row["time_over_monai_interval"] = [lo, hi]
-                row["memory_over_monai"] = f["peak_bytes"] / max(mo["peak_bytes"], 1)
+                if key in mo:
+                    row["memory_over_monai"] = f[key] / max(mo[key], 1)
             mn = m.get(naive)
-            if mn and mn["status"] == "ok" and "peak_bytes" in mn:
-                row["memory_over_naive"] = f["peak_bytes"] / max(mn["peak_bytes"], 1)
+            if mn and mn["status"] == "ok" and key in mn:
+                row["memory_over_naive"] = f[key] / max(mn[key], 1)
             row["loss"] = loss
             out.append(row)
     return out
@@ -554,7 +561,8 @@ def readme_block(result: dict, run_dir) -> str:
             "",
             "CC-DiceCE (`cc_dice_ce`, Voronoi regions computed beforehand, as a data pipeline does) against the loop "
             "with MONAI DiceCELoss per region, the vectorized (index_add) CC reference and plain MONAI DiceCELoss; "
-            "[interval] from the repetitions' quartiles:",
+            "[interval] from the repetitions' quartiles; memory ratios from the allocator's peak bytes (the "
+            "regions' computation in the measuring process hides the loss in the process's peak RSS):",
             "",
             "| case | device | fused ms [min-max] | vs naive loop | vs vectorized | fused / MONAI DiceCELoss time | "
             "fused / MONAI peak memory | fused / naive peak memory |",

@@ -525,7 +525,7 @@ bool backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at
 }
 
 // By default blob Dice+CE runs these Dice kernels and adds the cross-entropy with ATen ops
-// (blob_ops.cpp, dice_ce_forward_composite); the fused kernels of dice_ce_kernel.cu only on the
+// (ops/blob_drivers.cpp, dice_ce_forward_composite); the fused kernels of dice_ce_kernel.cu only on the
 // opt-in path fused_dice_ce, until they are verified on a GPU.
 bool cuda_fuses_dice_ce() { return cuda_path_enabled("fused_dice_ce"); }
 

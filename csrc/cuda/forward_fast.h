@@ -10,7 +10,7 @@ namespace blob {
 // tile and exact integer counts. Returns false, having done nothing, where it does not apply
 // (path off, softmax, a table too large for shared memory, V not a multiple of 4 or a pointer not
 // aligned to 4 elements): the caller then runs the default kernel. Dice+CE's composite
-// (blob_ops.cpp) clears with_ce, so its Dice sums and its BCE sums run here too. `invalid` is
+// (ops/blob_drivers.cpp) clears with_ce, so its Dice sums and its BCE sums run here too. `invalid` is
 // zero on entry, as for DeviceKernels::accumulate.
 bool accumulate_fast_cuda(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
                           int64_t K, at::Tensor& stats, const at::Tensor& invalid);

@@ -200,9 +200,19 @@ def _with_regions(loss):
 
 
 def prepare(fn, instances) -> None:
-    """What ``fn`` computes once per input outside its timed calls (the CC losses' regions)."""
+    """What ``fn`` computes once per input outside its timed calls (the CC losses' regions).
+
+    The heap is trimmed afterwards: the regions' temporaries (scipy's index arrays) would otherwise
+    stay resident under the fixed trim threshold of :func:`_steady_malloc`, and the loss would
+    reuse their pages, so the peak RSS of the measurement would not count the loss's memory."""
     if hasattr(fn, "prepare"):
         fn.prepare(instances)
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc
 
 
 def loss_fn(impl: str):

@@ -75,9 +75,9 @@ def ratios(result: dict, loss: str = "dice") -> list[dict]:
                     row[f"speedup_vs_{other}_interval"] = [lo, hi]
                 else:
                     row[f"speedup_vs_{other}"] = o["status"]
-            # CC rows: the worker computes the Voronoi regions (scipy) before measuring, which leaves
-            # the process's resident high-water mark above anything the loss then needs, so their
-            # process peak says nothing; the allocator's bytes (CPU) do, where recorded.
+            # CC rows: memory from the allocator's bytes (CPU), where recorded. Runs before bench.prepare
+            # trimmed the heap (the committed cpu-2core-2026-12-01-cc among them) measured the loss
+            # inside the regions' leftover resident pages, so their process peak says nothing.
             key = "alloc_peak_bytes" if loss == "cc_dice_ce" and "alloc_peak_bytes" in f else "peak_bytes"
             if key == "alloc_peak_bytes":
                 row["memory_method"] = "allocator bytes"

@@ -349,7 +349,15 @@ def test_impls_agree_on_a_profile():
 
     target = (inst > 0).float()
     assert torch.equal(bench.loss_fn("monai_dice_ce")(x, inst), DiceCELoss(sigmoid=True)(x, target))
-    assert set(bench.LOSSES) == {"dice", "tversky", "dice_ce"}
+    # the CC rows: the fused op and the index_add baseline against the MONAI loop per region,
+    # each given the regions that its own wrapper computes from the instance map
+    regions = blobbench.voronoi_regions(inst)
+    ref_cc = blobbench.naive_cc_dice_ce(x.double(), inst, regions)
+    for impl, tol in (("fused_cc_dice_ce", 1e-6), ("vectorized_cc_dice_ce", 1e-4)):
+        got = bench.loss_fn(impl)(x, inst)
+        assert abs(got.item() - ref_cc.item()) < tol * abs(ref_cc.item()), impl
+    assert torch.equal(bench.loss_fn("fused_cc_dice_ce")(x, inst), blobbench.cc_dice_ce(x, inst, regions))
+    assert set(bench.LOSSES) == {"dice", "tversky", "dice_ce", "cc_dice_ce"}
     assert all(i in bench.IMPLEMENTATIONS for impls in bench.LOSSES.values() for i in impls if i)
     assert set(PROFILES) == {"ms", "lits", "disco", "shanel", "deepmact"}
     assert blobbench.has_cuda_kernels() in (True, False)

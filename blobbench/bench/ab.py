@@ -220,7 +220,7 @@ class Side:
         self.name = name
         worker = Path(__file__).with_name("ab_worker.py")
         env = {k: v for k, v in os.environ.items() if k not in ("BLOBBENCH_PLANT_SLOWDOWN", "PYTHONPATH")}
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), KINETO_LOG_LEVEL="5")
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), KINETO_LOG_LEVEL="6")
         self.log = open(log_path, "w")
         # run by path from the tree's folder, so that neither this checkout nor the script's folder is on sys.path
         self.proc = subprocess.Popen(

@@ -763,7 +763,7 @@ class Runner:
         self.threads, self.reps, self.max_case_s = threads, reps, max_case_s
         self.time_budget_s, self.mem_budget_bytes = time_budget_s, mem_budget_bytes
         self.plant = planted()
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # torch.profiler's start/stop chatter
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # torch.profiler's start/stop chatter (torch 2.14 prints it at 5)
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["blobbench.bench.bench", "monai.losses", "torch.profiler"])
 

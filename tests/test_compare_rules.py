@@ -225,6 +225,15 @@ def test_clocks_that_differ_are_never_judged(clocks):
     assert "clocks differ" not in same["time_basis"] and same["verdict"] == "regression"
 
 
+def test_noisy_on_either_side_marks_the_row():
+    for o, n in ((["spread IQR/median 0.40 > 0.25"], []), ([], ["spread IQR/median 0.40 > 0.25"])):
+        old, new = _m("c", "fused", [1e-3] * 3, noisy=o), _m("c", "fused", [1e-3] * 3, noisy=n)
+        row = _row(compare_runs(_run(old), _run(new)))
+        assert row["noisy"] is True
+    row = _row(compare_runs(_run(_m("c", "fused", [1e-3] * 3, noisy=[])), _run(_m("c", "fused", [1e-3] * 3))))
+    assert "noisy" not in row
+
+
 def test_stats_without_repetition_times():
     # result files without times_s: the median (and the quartiles) stand in
     old = _m("c", "naive", median_s=2.0, q1_s=1.9, q3_s=2.1)
@@ -584,6 +593,7 @@ def test_plot_content(tmp_path, captured):
         assert mcolors.to_rgba(line.get_color()) == color
         assert line.get_markerfacecolor() == face if face == "none" else \
             mcolors.to_rgba(line.get_markerfacecolor()) == face
+        assert len(c.lines[1]) == 2                      # the interval's caps
         segs = c.lines[2][0].get_segments()
         assert [s[0] for s in segs[0]] == pytest.approx([lo, hi]) and [s[1] for s in segs[0]] == [y, y]
     # memory: squares, the infinite ratio left out
@@ -603,12 +613,15 @@ def test_plot_content(tmp_path, captured):
     assert m_ax.get_legend() is None
     assert fig._suptitle.get_text() == ("blobbench compare: NEW / OLD per case, implementation and device; red: "
                                         "regression (2), green: improvement\nOLD runs/old\nNEW runs/new\nmachine: box")
+    assert fig._suptitle.get_fontsize() == 9 and t_ax.get_legend().get_texts()[0].get_fontsize() == 8
+    assert {t.get_fontsize() for t in t_ax.get_yticklabels()} == {8}
     assert kw.get("dpi") == 110
 
 
 def test_plot_axes_for_large_ratios_and_other_machines(tmp_path, captured):
     cmp = _cmp_for_plot()
     cmp["rows"][0] |= {"time_ratio": 40.0, "time_lo": 30.0, "time_hi": 50.0, "memory_ratio": 0.01}
+    cmp["rows"][1] |= {"memory_ratio": 0.0}          # no place on a log axis: left out
     cmp |= {"same_machine": False, "old_machine": "A", "new_machine": "B"}
     plot_compare(cmp, tmp_path / "c.png", "o", "n")
     (fig, _), = captured
@@ -619,7 +632,24 @@ def test_plot_axes_for_large_ratios_and_other_machines(tmp_path, captured):
     # memory: 1/0.01 * 1.25 = 125
     assert m_ax.get_xlim() == pytest.approx((1 / 125, 125))
     assert list(m_ax.get_xticks()) == pytest.approx([0.01, 0.1, 1.0, 10.0, 100.0])
+    assert [list(ln.get_xdata()) for ln in m_ax.lines if ln.get_marker() == "s"] == [[0.01]]
     assert fig._suptitle.get_text().endswith("\nOLD o\nNEW n\ndifferent machines: OLD A; NEW B")
+
+
+@pytest.mark.parametrize("hi, ticks", [
+    # lim = 14.4 * 1.25 = 18: every tick of the list from 1/16 to 16, symmetric about 1
+    (14.4, [1 / 16, 1 / 8, 0.25, 0.5, 2 / 3, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0]),
+    # lim = 1e8 * 1.25: the decades from 1e-6 to 1e6, symmetric about 1
+    (1e8, [10.0 ** k for k in range(-6, 7)]),
+])
+def test_plot_ticks_are_symmetric_about_1(tmp_path, captured, hi, ticks):
+    cmp = _cmp_for_plot()
+    cmp["rows"][0] |= {"time_ratio": hi / 2, "time_lo": 1.0, "time_hi": hi}
+    plot_compare(cmp, tmp_path / "c.png", "o", "n")
+    (fig, _), = captured
+    got = list(fig.axes[0].get_xticks())
+    assert got == pytest.approx(ticks)
+    assert sorted(1 / t for t in got) == pytest.approx(got)
 
 
 def test_plot_of_many_rows_grows_in_height(tmp_path, captured):

@@ -77,6 +77,11 @@ def test_sweep_neighbours_at_the_factor():
     assert noise_reasons(ms, cases) == {}
     assert noise_reasons(ms, cases, factor=1.2) == {
         1: ["median 1.2e+03 ms outside its sweep neighbours' 1.5e+03-2e+03 ms (x1.2)"]}
+    # three significant digits of each median in ms
+    ms = [_m("N=1", 1e-3), _m("N=4", 5e-3), _m("N=16", 1.2349e-3)]
+    assert noise_reasons(ms, cases) == {1: ["median 5 ms outside its sweep neighbours' 1-1.23 ms (x1.5)"]}
+    ms = [_m("N=1", 1.2349e-3), _m("N=4", 0.5e-3), _m("N=16", 2.4651e-3)]
+    assert noise_reasons(ms, cases) == {1: ["median 0.5 ms outside its sweep neighbours' 1.23-2.47 ms (x1.5)"]}
 
 
 def test_sweeps_are_ordered_by_their_x_and_grouped_by_implementation_and_device():
@@ -124,6 +129,13 @@ def test_interleaved_reasons_by_hand():
     assert interleaved_reasons(ms, ref, factor=2.5) == {}
     assert interleaved_reasons(ms, ref, factor=2.0) == {}
     assert list(interleaved_reasons(ms, ref, factor=1.99)) == [0, 2]
+    # three significant digits of the medians in ms; a at x1 its interleaved time, b and c at x3
+    ms = [_m("p", 1.2349e-3, impl="a", kind="profile"), _m("p", 9e-3, impl="b", kind="profile"),
+          _m("p", 9e-3, impl="c", kind="profile")]
+    ref = {("p", "a", "cpu"): 1.2349e-3, ("p", "b", "cpu"): 3e-3, ("p", "c", "cpu"): 3e-3}
+    assert interleaved_reasons(ms, ref) == {
+        0: ["median 1.23 ms is x0.33 what it took interleaved with the case's other implementations (1.23 ms, case "
+            "drift x3.00)"]}
 
 
 def test_interleaved_reasons_need_two_ok_measurements_with_a_reference_per_case_and_device():

@@ -19,7 +19,7 @@ JOBS=${JOBS:-2}
 SCOPE=("blobbench.losses.*" "blobbench.metrics.*" "blobbench.instances.*" "blobbench._ops.*"
        "blobbench.closed_form.*" "blobbench.reference.*" "blobbench.stats.*" "blobbench.transforms.*"
        "blobbench.bench.bench.x__check_worker*" "blobbench.bench.bench.x_loss_fn*"
-       "blobbench.bench.compare.*" "blobbench.bench.noise.*")
+       "blobbench.bench.compare.*" "blobbench.bench.noise.*" "blobbench.cc_losses.*" "blobbench.voronoi.*")
 [ $# -gt 0 ] && SCOPE=("$@")
 [ -e "$WT/.git" ] || git -C "$REPO" worktree add --detach "$WT" HEAD
 git -C "$WT" checkout -q --detach "$(git -C "$REPO" rev-parse HEAD)"

@@ -111,7 +111,7 @@ def _extension():
         )
     print(
         f"blobbench: building the CPU-only extension: {len(sources)} sources, the CPU kernels "
-        "compiled for two ISAs; 10-16 minutes on 2 cores",
+        "compiled for two ISAs; 7-16 minutes on 2 cores",
         file=sys.stderr,
         flush=True,
     )

@@ -137,6 +137,11 @@ def _loss_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _check_lambdas(lambda_dice, lambda_ce, op):
+    if not (lambda_dice >= 0 and lambda_ce >= 0):
+        raise ValueError(f"{op}: `lambda_dice` and `lambda_ce` must be >= 0, got {lambda_dice:f} and {lambda_ce:f}")
+
+
 def _check_dice_ce(activation, masking, lambda_dice, lambda_ce, op):
     """The options of blob.dice_ce, in the C++ order: activation, masking, then Dice+CE's own."""
     _check_activation(activation, op)
@@ -147,24 +152,29 @@ def _check_dice_ce(activation, masking, lambda_dice, lambda_ce, op):
             f'cross-entropy per channel and per instance (activation "sigmoid" or "none"); use '
             f"blob.dice with softmax, or one sigmoid channel per class"
         )
-    if not (lambda_dice >= 0 and lambda_ce >= 0):
-        raise ValueError(f"{op}: `lambda_dice` and `lambda_ce` must be >= 0, got {lambda_dice:f} and {lambda_ce:f}")
+    _check_lambdas(lambda_dice, lambda_ce, op)
 
 
 def _forward_fake(op, input, instances, activation, masking, max_label, ncoef=_NUM_COEF):
     _check_inputs(input, instances, activation, masking, max_label, op)
+    entries = _NUM_STATS_CE + _NUM_COEF_CE if ncoef == _NUM_COEF_CE else _NUM_STATS + _NUM_COEF
+    return _forward_outputs(input, instances, activation, max_label, entries, ncoef)
+
+
+def _forward_outputs(input, ids, activation, max_label, entries, ncoef):
+    """The loss, the (B, C, K, ncoef) float64 coefficient table and the (B, C, K) or (B, C, 0)
+    ids (of ``ids``' dtype: the instances, or the CC ops' regions) that a forward op returns."""
     B, C = input.shape[:2]
     voxels = math.prod(input.shape[2:])
     loss = input.new_empty((), dtype=_loss_dtype(input.dtype))
-    entries = _NUM_STATS_CE + _NUM_COEF_CE if ncoef == _NUM_COEF_CE else _NUM_STATS + _NUM_COEF
     if max_label >= 0 and _dense_for_bound(max_label, B * C, voxels, entries):
         K = max(max_label + 1, 2) if activation == "softmax" else max_label + 1
-        label_ids = instances.new_empty((B, C, 0))
+        label_ids = ids.new_empty((B, C, 0))
     else:
         # The label range is only known from the data (dense from its maximum, or compacted).
         ctx = torch.library.get_ctx()
         K = ctx.new_dynamic_size(min=2)
-        label_ids = instances.new_empty((B, C, ctx.new_dynamic_size()))
+        label_ids = ids.new_empty((B, C, ctx.new_dynamic_size()))
     coef = input.new_empty((B, C, K, ncoef), dtype=torch.float64)
     return loss, coef, label_ids
 
@@ -418,8 +428,8 @@ def _check_regions(regions, instances, op):
         )
 
 
-def _check_cc_ce(activation, lambda_dice, lambda_ce, op):
-    """cc_dice_ce's own options, in the C++ order: activation, softmax refused, lambdas."""
+def _check_cc_activation(activation, op):
+    """cc_dice_ce's activation: a known one, and not softmax."""
     _check_activation(activation, op)
     if activation == "softmax":
         raise ValueError(
@@ -427,27 +437,20 @@ def _check_cc_ce(activation, lambda_dice, lambda_ce, op):
             f'cross-entropy per channel and per region (activation "sigmoid" or "none"); use '
             f"blob.cc_dice with softmax, or one sigmoid channel per class"
         )
-    if not (lambda_dice >= 0 and lambda_ce >= 0):
-        raise ValueError(f"{op}: `lambda_dice` and `lambda_ce` must be >= 0, got {lambda_dice:f} and {lambda_ce:f}")
+
+
+def _check_cc_ce(activation, lambda_dice, lambda_ce, op):
+    """cc_dice_ce's own options, in the C++ order: activation, softmax refused, lambdas."""
+    _check_cc_activation(activation, op)
+    _check_lambdas(lambda_dice, lambda_ce, op)
 
 
 def _cc_forward_fake(op, input, instances, regions, activation, max_label, with_ce):
     _check_inputs(input, instances, activation, "paper", max_label, op)
     _check_regions(regions, instances, op)
-    B, C = input.shape[:2]
-    voxels = math.prod(input.shape[2:])
     ncoef = _CC_NUM_COEF_CE if with_ce else _CC_NUM_COEF
     entries = (_CC_NUM_STATS_CE if with_ce else _CC_NUM_STATS) + ncoef
-    loss = input.new_empty((), dtype=_loss_dtype(input.dtype))
-    if max_label >= 0 and _dense_for_bound(max_label, B * C, voxels, entries):
-        K = max(max_label + 1, 2) if activation == "softmax" else max_label + 1
-        label_ids = regions.new_empty((B, C, 0))
-    else:
-        ctx = torch.library.get_ctx()
-        K = ctx.new_dynamic_size(min=2)
-        label_ids = regions.new_empty((B, C, ctx.new_dynamic_size()))
-    coef = input.new_empty((B, C, K, ncoef), dtype=torch.float64)
-    return loss, coef, label_ids
+    return _forward_outputs(input, regions, activation, max_label, entries, ncoef)
 
 
 @torch.library.register_fake("blob::_cc_dice_forward")
@@ -520,7 +523,6 @@ def _cc_dice_ce_fake(
 
 
 def _cc_backward_fake(op, grad, input, instances, regions, coef, label_ids, activation, ncoef):
-    _check_activation(activation, op)
     out = _backward_fake(op, grad, input, instances, coef, label_ids, activation, ncoef)
     _check_regions(regions, instances, op)
     return out
@@ -536,13 +538,7 @@ def _cc_dice_backward_fake(grad, input, instances, regions, coef, label_ids, act
 @torch.library.register_fake("blob::_cc_dice_ce_backward")
 def _cc_dice_ce_backward_fake(grad, input, instances, regions, coef, label_ids, activation, squared_pred):
     op = "blob.cc_dice_ce (backward)"
-    _check_activation(activation, op)
-    if activation == "softmax":
-        raise ValueError(
-            f'{op}: activation="softmax" is not supported: CC Dice+CE takes one binary '
-            f'cross-entropy per channel and per region (activation "sigmoid" or "none"); use '
-            f"blob.cc_dice with softmax, or one sigmoid channel per class"
-        )
+    _check_cc_activation(activation, op)
     return _cc_backward_fake(op, grad, input, instances, regions, coef, label_ids, activation, _CC_NUM_COEF_CE)
 
 

@@ -1,11 +1,13 @@
 """The benchmark machinery: synthetic data, label files, budgets, the command and its report."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from bench_helpers import asv_suite
+from bench_helpers import ROOT, asv_suite
 
 import blobbench
 from blobbench.bench import bench
@@ -333,6 +335,24 @@ def test_asv_generous_max_label_runs():
     assert s.x.grad is not None and torch.isfinite(s.x.grad).all()
     s.time_exact_max_label()
     assert s.track_ratio(reps=2) > 0
+
+
+def test_asv_discovery_imports_every_benchmark_module():
+    """asv imports every module of the benchmarks/ package tree, the way ``asv check`` does, in
+    CI's environment, which has none of the mutation tools (mutmut): CI failed at c579123 when
+    ``benchmarks/mutation/pytest_plugin.py`` imported mutmut at module level."""
+    code = (
+        "import sys; sys.modules['mutmut'] = None\n"  # an import of mutmut raises ImportError
+        "from asv_runner.discovery import disc_benchmarks\n"
+        "names = [b.name for b in disc_benchmarks('benchmarks')]\n"
+        "assert any('HostCostProxy' in n for n in names), names\n"
+        "print(len(names))\n"
+    )
+    pytest.importorskip("asv_runner")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) > 5
 
 
 def test_impls_agree_on_a_profile():

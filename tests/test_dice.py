@@ -316,10 +316,14 @@ def test_naive_loop_is_generic_over_criterion():
     assert got.item() == pytest.approx((0.5 + 0.75) / 2)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
-def test_cpu_isa_builds_agree(activation, tmp_path):
+@pytest.mark.parametrize(
+    "loss,activation",
+    [("blob_dice", "sigmoid"), ("blob_dice", "softmax"), ("cc_dice", "softmax"), ("cc_dice_ce", "sigmoid")],
+)
+def test_cpu_isa_builds_agree(loss, activation, tmp_path):
     """The AVX2 build of the CPU kernels (picked at run time) against the baseline build
-    (BLOBBENCH_CPU_ISA=baseline, in a subprocess: the choice is made once per process)."""
+    (BLOBBENCH_CPU_ISA=baseline, in a subprocess: the choice is made once per process), for the
+    blob kernels and the CC kernels (cc_loss_kernel.cpp, whose Dice+CE is fused on the CPU)."""
     import subprocess
     import sys
 
@@ -330,7 +334,7 @@ from helpers import random_instances
 rng = np.random.default_rng(5)
 inst = random_instances(rng, (2, 3, 9, 33, 35), 12, empty_prob=0.0)
 x = torch.randn(inst.shape, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
-loss = blobbench.blob_dice(x, inst, activation={activation!r}, squared_pred=True)
+loss = blobbench.{loss}(x, inst, activation={activation!r}, squared_pred=True)
 loss.backward()
 torch.save((loss.detach(), x.grad), sys.argv[1])
 """

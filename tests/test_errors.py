@@ -83,6 +83,51 @@ def test_softmax_range_errors_name_the_read_channels():
         blob_dice(x, lab, activation="softmax", max_label=2)
 
 
+# The CPU reads the ids' range in its own loop over contiguous labels (softmax skips channel 0 of
+# every batch element), one chunk per thread, chunks that cross batch elements here (3 x 2 read
+# channels x 60,000 voxels), and with ATen's aminmax otherwise (a non-contiguous tensor): both must
+# name the same extremes, for every label dtype, wherever the extreme id sits. max_label: None
+# reads the range first; 200 reads it once the accumulate pass failed; 10**5 sizes a dense table
+# by the ids present; 10**6 is beyond the dense budget.
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("max_label", [None, 200, 10**5, 10**6])
+def test_range_errors_name_the_extremes_of_the_read_channels(dtype, layout, max_label):
+    g = torch.Generator().manual_seed(7)
+    B, C, shape = 3, 3, (30, 40, 50)
+    x = torch.randn(B, C, *shape, generator=g)
+    lab = torch.randint(0, 100, (B, C, *shape), generator=g).to(dtype)
+    lab[:, 0] = 250 if dtype == torch.uint8 else 10**4  # channel 0: never read with softmax
+
+    def call(lab):
+        if layout == "transposed":  # same values, strides that are not contiguous
+            lab = lab.transpose(2, 4).contiguous().transpose(2, 4)
+            assert not lab.is_contiguous()
+        return blob_dice(x, lab, activation="softmax", max_label=max_label)
+
+    assert torch.isfinite(call(lab))  # channel 0's ids are above every max_label: not read
+    if max_label is not None:
+        hi = min(max_label + 3, torch.iinfo(dtype).max)
+        # the last id, the first of a batch element and of a chunk (2 threads: 2 chunks of 180,000
+        # ids, the second from (1, 2, 0, 0, 0)), the last before that chunk, one in the middle
+        for where in [(2, 2, 29, 39, 49), (1, 1, 0, 0, 0), (1, 2, 0, 0, 0), (1, 1, 29, 39, 49), (0, 2, 14, 20, 25)]:
+            bad = lab.clone()
+            bad[where] = hi
+            bad[0, 1, 0, 0, 1] = hi - 1
+            if hi <= max_label:
+                assert torch.isfinite(call(bad))
+            else:
+                with pytest.raises(ValueError, match=_ABOVE.format(hi, max_label)):
+                    call(bad)
+    if dtype != torch.uint8:
+        for where in [(2, 2, 29, 39, 49), (1, 1, 0, 0, 0), (1, 2, 0, 0, 0), (0, 1, 0, 0, 0)]:
+            bad = lab.clone()
+            bad[where] = -5
+            bad[2, 1, 3, 3, 3] = -2
+            with pytest.raises(ValueError, match=_NEGATIVE.format(-5)):
+                call(bad)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

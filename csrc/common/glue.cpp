@@ -1,5 +1,9 @@
 // The shared machinery of common/glue.h: argument checks, label ranges, table helpers.
 #include "glue.h"
+#include "../cpu/isa.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
@@ -127,8 +131,87 @@ at::Tensor compaction_source(const at::Tensor& instances, int32_t activation) {
   return src.reshape({B * C, -1});
 }
 
+namespace {
+
+// The smallest and largest of n ids, in a loop the compiler vectorises; compiled for the baseline
+// ISA and for AVX2 (cpu/isa.h), whose 8-wide integer min and max the baseline lacks.
+#define BLOB_SPAN_MIN_MAX                                            \
+  template <typename T>                                              \
+  std::pair<int64_t, int64_t> span_min_max(const T* p, int64_t n) { \
+    T lo = p[0], hi = p[0];                                          \
+    for (int64_t i = 1; i < n; ++i) {                                \
+      lo = std::min(lo, p[i]);                                       \
+      hi = std::max(hi, p[i]);                                       \
+    }                                                                \
+    return {int64_t(lo), int64_t(hi)};                               \
+  }
+namespace base {
+BLOB_SPAN_MIN_MAX
+}  // namespace base
+#ifdef BLOB_CPU_MULTIVERSION
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+BLOB_SPAN_MIN_MAX
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+#undef BLOB_SPAN_MIN_MAX
+
+template <typename T>
+std::pair<int64_t, int64_t> span_min_max(const T* p, int64_t n) {
+#ifdef BLOB_CPU_MULTIVERSION
+  if (cpu_use_avx2()) return avx2::span_min_max(p, n);
+#endif
+  return base::span_min_max(p, n);
+}
+
+// id_range on the CPU without ATen ops: contiguous labels, read in place (softmax skips channel
+// 0 of every batch element), in parallel over chunks of at least 2^16 ids. On the 2x1x32x64x64
+// batch of asv's GenerousMaxLabel (one thread, perf): ATen's aminmax alone took about 37 us per
+// call, this loop about 20 us, with none of the small tensors that brought aminmax's result to
+// the host (docs/design.md, 5.2).
+std::pair<int64_t, int64_t> id_range_cpu(const at::Tensor& instances, int32_t activation) {
+  const int64_t B = instances.size(0), C = instances.size(1);
+  const int64_t plane = instances.numel() / (B * C);
+  const int64_t c0 = activation == kSoftmax ? 1 : 0;
+  const int64_t span = (C - c0) * plane;  // ids read per batch element, contiguous
+  const int64_t total = B * span;
+  std::pair<int64_t, int64_t> out;
+  AT_DISPATCH_INTEGRAL_TYPES(instances.scalar_type(), "blob_id_range", [&] {
+    const scalar_t* base = instances.const_data_ptr<scalar_t>();
+    const auto chunk = [&](int64_t begin, int64_t end, std::pair<int64_t, int64_t> r) {
+      // [begin, end) in read order: batch element b = i / span, offset i % span past channel c0.
+      for (int64_t i = begin; i < end;) {
+        const int64_t b = i / span, in_b = i % span;
+        const int64_t n = std::min(end - i, span - in_b);
+        const auto m = span_min_max(base + (b * C + c0) * plane + in_b, n);
+        r = {std::min(r.first, m.first), std::max(r.second, m.second)};
+        i += n;
+      }
+      return r;
+    };
+    out = at::parallel_reduce(
+        int64_t(0), total, int64_t(1) << 16,
+        std::pair<int64_t, int64_t>{std::numeric_limits<int64_t>::max(),
+                                    std::numeric_limits<int64_t>::min()},
+        chunk, [](std::pair<int64_t, int64_t> a, std::pair<int64_t, int64_t> b) {
+          return std::pair<int64_t, int64_t>{std::min(a.first, b.first),
+                                             std::max(a.second, b.second)};
+        });
+  });
+  return out;
+}
+
+}  // namespace
+
 // The smallest and largest id the tables see (read_labels), with one device-to-host copy.
 std::pair<int64_t, int64_t> id_range(const at::Tensor& instances, int32_t activation) {
+  const int64_t c0 = activation == kSoftmax ? 1 : 0;
+  if (instances.is_cpu() && instances.is_contiguous() && instances.dim() >= 2 &&
+      instances.numel() > 0 && instances.size(1) > c0) {
+    return id_range_cpu(instances, activation);
+  }
   auto mm = at::aminmax(read_labels(instances, activation));
   at::Tensor both = at::stack({std::get<0>(mm).to(at::kLong), std::get<1>(mm).to(at::kLong)}).cpu();
   return {both[0].item<int64_t>(), both[1].item<int64_t>()};
@@ -255,6 +338,11 @@ at::Tensor lazy_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
     void* p = mmap(nullptr, size_t(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
                    0);
     if (p != MAP_FAILED) {
+#ifdef MADV_NOHUGEPAGE
+      // Where transparent huge pages are on for every mapping, the first write into each 2 MiB
+      // would map and zero a whole huge page: small pages keep the untouched rows free.
+      madvise(p, size_t(bytes), MADV_NOHUGEPAGE);
+#endif
       return at::from_blob(
           p, sizes, [bytes](void* q) { munmap(q, size_t(bytes)); },
           options.dtype(at::kDouble));

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../blob_ops.h"
+#include "isa.h"
 
 namespace blob {
 namespace {
@@ -41,8 +42,7 @@ namespace base {
 #include "kernels_impl.h"
 }  // namespace base
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define BLOB_CPU_MULTIVERSION 1
+#ifdef BLOB_CPU_MULTIVERSION
 // ... and for AVX2 + FMA (8-wide exp polynomial and reductions), chosen at run time.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -52,20 +52,8 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-// The AVX2 build when the CPU supports it, unless BLOBBENCH_CPU_ISA=baseline.
-bool use_avx2() {
-#ifdef BLOB_CPU_MULTIVERSION
-  static const bool v = [] {
-    const char* env = std::getenv("BLOBBENCH_CPU_ISA");
-    if (env != nullptr && std::string(env) == "baseline") return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return v;
-#else
-  return false;
-#endif
-}
+// The AVX2 build when the CPU supports it, unless BLOBBENCH_CPU_ISA=baseline (cpu/isa.h).
+bool use_avx2() { return cpu_use_avx2(); }
 
 bool accumulate_cpu(const at::Tensor& input, const at::Tensor& labels, const LossParams& prm,
                     int64_t K, int64_t bound, at::Tensor& stats, const at::Tensor& /*invalid*/,

@@ -166,33 +166,30 @@ std::pair<int64_t, int64_t> span_min_max(const T* p, int64_t n) {
   return base::span_min_max(p, n);
 }
 
-// id_range on the CPU without ATen ops: contiguous labels, read in place (softmax skips channel
-// 0 of every batch element), in parallel over chunks of at least 2^16 ids. On the 2x1x32x64x64
-// batch of asv's GenerousMaxLabel (one thread, perf): ATen's aminmax alone took about 37 us per
-// call, this loop about 20 us, with none of the small tensors that brought aminmax's result to
-// the host (docs/design.md, 5.2).
-std::pair<int64_t, int64_t> id_range_cpu(const at::Tensor& instances, int32_t activation) {
-  const int64_t B = instances.size(0), C = instances.size(1);
-  const int64_t plane = instances.numel() / (B * C);
-  const int64_t c0 = activation == kSoftmax ? 1 : 0;
-  const int64_t span = (C - c0) * plane;  // ids read per batch element, contiguous
-  const int64_t total = B * span;
+// id_range on the CPU without ATen ops, over read_labels' view of contiguous instances: its
+// batch elements are contiguous rows of `span` ids (softmax's view starts each row at channel 1),
+// read in place, in parallel over chunks of at least 2^16 ids. On the 2x1x32x64x64 batch of asv's
+// GenerousMaxLabel (one thread, perf): ATen's aminmax alone took about 37 us per call, this loop
+// about 20 us, with none of the small tensors that brought aminmax's result to the host
+// (docs/design.md, 5.2).
+std::pair<int64_t, int64_t> id_range_cpu(const at::Tensor& labels) {
+  const int64_t rows = labels.size(0), span = labels.numel() / rows, row_stride = labels.stride(0);
   std::pair<int64_t, int64_t> out;
-  AT_DISPATCH_INTEGRAL_TYPES(instances.scalar_type(), "blob_id_range", [&] {
-    const scalar_t* base = instances.const_data_ptr<scalar_t>();
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "blob_id_range", [&] {
+    const scalar_t* base = labels.const_data_ptr<scalar_t>();
     const auto chunk = [&](int64_t begin, int64_t end, std::pair<int64_t, int64_t> r) {
-      // [begin, end) in read order: batch element b = i / span, offset i % span past channel c0.
+      // [begin, end) in read order: row b = i / span, offset i % span in it.
       for (int64_t i = begin; i < end;) {
         const int64_t b = i / span, in_b = i % span;
         const int64_t n = std::min(end - i, span - in_b);
-        const auto m = span_min_max(base + (b * C + c0) * plane + in_b, n);
+        const auto m = span_min_max(base + b * row_stride + in_b, n);
         r = {std::min(r.first, m.first), std::max(r.second, m.second)};
         i += n;
       }
       return r;
     };
     out = at::parallel_reduce(
-        int64_t(0), total, int64_t(1) << 16,
+        int64_t(0), rows * span, int64_t(1) << 16,
         std::pair<int64_t, int64_t>{std::numeric_limits<int64_t>::max(),
                                     std::numeric_limits<int64_t>::min()},
         chunk, [](std::pair<int64_t, int64_t> a, std::pair<int64_t, int64_t> b) {
@@ -207,12 +204,11 @@ std::pair<int64_t, int64_t> id_range_cpu(const at::Tensor& instances, int32_t ac
 
 // The smallest and largest id the tables see (read_labels), with one device-to-host copy.
 std::pair<int64_t, int64_t> id_range(const at::Tensor& instances, int32_t activation) {
-  const int64_t c0 = activation == kSoftmax ? 1 : 0;
-  if (instances.is_cpu() && instances.is_contiguous() && instances.dim() >= 2 &&
-      instances.numel() > 0 && instances.size(1) > c0) {
-    return id_range_cpu(instances, activation);
+  const at::Tensor labels = read_labels(instances, activation);
+  if (labels.is_cpu() && instances.is_contiguous() && labels.numel() > 0) {
+    return id_range_cpu(labels);
   }
-  auto mm = at::aminmax(read_labels(instances, activation));
+  auto mm = at::aminmax(labels);
   at::Tensor both = at::stack({std::get<0>(mm).to(at::kLong), std::get<1>(mm).to(at::kLong)}).cpu();
   return {both[0].item<int64_t>(), both[1].item<int64_t>()};
 }

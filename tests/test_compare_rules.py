@@ -11,7 +11,6 @@ import math
 import struct
 
 import pytest
-from scipy.stats import mannwhitneyu
 
 from blobbench.bench import compare as C
 from blobbench.bench.compare import (change_test, compare_runs, format_compare, load_run, mann_whitney_greater,
@@ -39,7 +38,11 @@ def _row(cmp, case="c", impl="fused", device="cpu"):
 
 def _p_greater(x, y):
     """scipy's one-sided p that ``x`` tends to be larger than ``y`` (normal approximation with the
-    continuity and tie corrections: the method compare.py documents)."""
+    continuity and tie corrections: the method compare.py documents). Imported here, not at the
+    top: the GPU check collects every test module on a machine that may lack scipy, and one
+    collection error fails the whole run."""
+    from scipy.stats import mannwhitneyu
+
     return float(mannwhitneyu(x, y, alternative="greater", method="asymptotic", use_continuity=True).pvalue)
 
 

@@ -40,10 +40,10 @@ def test_dry_run_packs_one_archive_and_a_summary(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["device_check.tar.gz", "summary.md"]
     names, steps = _steps(out / "device_check.tar.gz")
-    assert set(steps) == {"env", "build", "tests-default", "tests-all", "sanitize-cpu", "prepare", "profile", "command"}
+    assert set(steps) == {"env", "build", "imports", "tests-default", "tests-all", "sanitize-cpu", "prepare", "profile", "command"}
     assert set(steps.values()) == {"0"}
     for f in ("summary.md", "profile_calls.json", "command/run/result.json", "tests-default.xml", "tests-all.xml",
-              "sanitize-cpu.log", "env.log"):
+              "sanitize-cpu.log", "env.log", "imports.log"):
         assert f"device_check/{f}" in names
     with tarfile.open(out / "device_check.tar.gz") as tar:
         prof = json.load(tar.extractfile("device_check/profile_calls.json"))
@@ -71,6 +71,29 @@ def test_a_failing_step_fails_the_check_and_still_packs(tmp_path):
     assert steps == {"env": "0", "profile": "97"}
     summary = (out / "summary.md").read_text()
     assert "FAILED" in summary.splitlines()[0] and "failed steps: profile" in summary
+
+
+# What the GPU machine lacks (../shared/device/README.md: it has torch, numpy, pytest,
+# pytest-benchmark, ninja, pybind11 and setuptools; benchmarks/gpu/fetch_wheels.sh carries
+# connected-components-3d, monai, scipy and tqdm). scipy is blocked too: ../shared's own
+# fetch-wheels.sh does not carry it.
+NOT_ON_THE_GPU_MACHINE = ("scipy", "matplotlib", "nibabel", "nnunetv2", "asv", "asv_runner", "expecttest",
+                          "ccmetrics", "mutmut")
+
+
+def test_cuda_tests_collect_with_only_the_gpu_machines_packages():
+    """The check runs ``pytest -m cuda tests`` there: one test module that imports a package the
+    machine lacks at its top is a collection error, and that fails every CUDA test of the run."""
+    code = (
+        "import sys, pytest\n"
+        f"for name in {NOT_ON_THE_GPU_MACHINE!r}:\n"
+        "    sys.modules[name] = None  # import name: ImportError\n"
+        "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-m', 'cuda', 'tests']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "error" not in r.stdout.lower().splitlines()[-1], r.stdout[-2000:]
+    assert re.search(r"test_cuda\.py::", r.stdout), r.stdout[-2000:]
 
 
 def test_cuda_path_names_are_the_extensions():

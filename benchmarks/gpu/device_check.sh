@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # blobbench's GPU check: ONE call of at most 7 minutes on a fresh offline GPU machine
 # (../shared/device/README.md), the build included. From the repository root, with `.whl` carried
-# (../shared/device/fetch-wheels.sh):
+# (`bash benchmarks/gpu/fetch_wheels.sh`: cc3d, monai, scipy, tqdm):
 #
 #   COMMIT=<git rev-parse HEAD> OUT=/some/dir bash benchmarks/gpu/device_check.sh
 #   DRY_RUN=1 OUT=/some/dir bash benchmarks/gpu/device_check.sh      # the CPU dry run (CI)
@@ -11,6 +11,8 @@
 #   wheels | build      the carried wheels into /tmp/site, the extension built against the
 #                       machine's torch (MAX_JOBS=16), in parallel
 #   then in parallel (none of them times anything):
+#   imports             what the steps import, with versions (a package missing from .whl fails
+#                       this step by name; the others still run)
 #   tests-default       pytest -m cuda (CI runs the others)
 #   tests-all           the same with BLOBBENCH_CUDA_PATHS=all (every opt-in CUDA path)
 #   memcheck-a/b, racecheck-a/b, initcheck-a/b
@@ -141,7 +143,7 @@ env_info() {
   fi
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${COMMIT:-unknown}")"
   git status --porcelain 2>/dev/null | grep -v '^??' | sed 's/^/modified: /' | head -20
-  "$PY" -c "import platform; from importlib.metadata import version; print('python:', platform.python_version()); print('torch:', version('torch'))"
+  "$PY" -c "import platform; from importlib.metadata import version; print('python:', platform.python_version()); print('torch:', version('torch')); print('setuptools:', version('setuptools'), '(the build reads pyproject.toml: >= 77 for its SPDX license)')"
   echo "compute-sanitizer: $(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo 'not found')"
   echo "cpus: $(nproc)"
 }
@@ -175,17 +177,34 @@ else
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if awk -F'\t' '($1 == "build" || $1 == "wheels") && $2 != "0" { bad = 1 } END { exit bad ? 0 : 1 }' "$LOGS/steps.tsv"; then
-  for s in tests-default tests-all sanitizer prepare profile command; do
+  for s in imports tests-default tests-all sanitizer prepare profile command; do
     want "$s" "${s%%-*}" && skip "$s" "the build or the wheels failed"
   done
   exit 1
 fi
 
 # ---- the parallel phase: tests, sanitizers, data (nothing here is timed); a few CPU threads each
-# (nine processes on 16 cores, four on the dry run's two)
+# (ten processes on 16 cores, five on the dry run's two)
 pids=()
 OMP_BEFORE=${OMP_NUM_THREADS-unset}
 export OMP_NUM_THREADS=$([ "$DRY" = 1 ] && echo 1 || echo 2)
+# what the steps import (benchmarks/gpu/fetch_wheels.sh carries what the machine lacks): a missing
+# package fails this step by name instead of surfacing as skipped or failed tests
+if want imports; then
+  step imports "$T_PARALLEL" "$PY" -c "import importlib, sys
+missing = []
+for name in ('blobbench', 'torch', 'numpy', 'pytest', 'cc3d', 'monai', 'scipy.ndimage', 'tqdm'):
+    try:
+        mod = importlib.import_module(name)
+    except Exception as e:
+        missing.append(name)
+        print(name, 'MISSING:', type(e).__name__, e)
+    else:
+        root = sys.modules[name.split('.')[0]]
+        print(name, getattr(root, '__version__', '?'), getattr(root, '__file__', ''))
+sys.exit(f'missing: {missing} (bash benchmarks/gpu/fetch_wheels.sh puts their wheels in .whl)' if missing else 0)" &
+  pids+=($!)
+fi
 if want tests-default tests; then
   step tests-default "$T_PARALLEL" env -u BLOBBENCH_CUDA_PATHS "$PY" -m pytest -p no:cacheprovider -m cuda -q -rfE \
     --junitxml="$LOGS/tests-default.xml" tests &

@@ -38,7 +38,8 @@ def _check_spacing(spacing, spatial: int, fn: str):
     try:
         values = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
-        raise ValueError(f"{fn}: spacing must be None, a number or a sequence of {spatial} numbers, got {spacing!r}")
+        raise ValueError(
+            f"{fn}: spacing must be None, a number or a sequence of {spatial} numbers, got {spacing!r}") from None
     if len(values) != spatial:
         raise ValueError(
             f"{fn}: spacing must have one value per spatial dim ({spatial}), got {len(values)}: {spacing!r}"

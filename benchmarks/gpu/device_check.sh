@@ -59,6 +59,10 @@ T_START=$(date +%s)
 # Timeouts (s). The real run's critical path: env 15 + build 170 (wheels 60 beside it) + the
 # parallel phase 80 + profile 55 + command 60 = 380 s (405 s if every step also needs its 5 s
 # kill-after, plus at most 20 s for the summary), under the 420 s of one call; expected ~270 s.
+# The build: 16 jobs, each source file on its own core, so the slowest file sets it. On the 2-core
+# development machine (torch 2.11 headers, sm_90) blob_loss_kernel.cu takes 267 s of CPU,
+# forward_fast.cu 247 s, dice_ce_kernel.cu 229 s; abcb130's only CUDA file took 247 s there and
+# its whole build 130 s on the H200, so about 140 s is expected here.
 T_ENV=15 T_WHEELS=60 T_BUILD=170 T_PARALLEL=80 T_PROFILE=55 T_COMMAND=60
 # The dry run has no call limit to keep, and a shared CI machine can be slow: its timeouts are 3x.
 SCALE=${DEVICE_CHECK_TIMEOUT_SCALE:-$([ "$DRY" = 1 ] && echo 3 || echo 1)}

@@ -329,7 +329,7 @@ def run_bench(args) -> dict:
         if args.gate:   # one process per (case, group, device), the group's repetitions interleaved
             groups = [[i for i in g if i in args.impls] for g in bench.GATE_GROUPS]
             groups = [g for g in groups if g] + [[i] for i in args.impls if not any(i in g for g in groups)]
-            tasks = [(what, c, g, dev) for what, c, impl, dev in tasks if what == "check"] + [
+            tasks = [t for t in tasks if t[0] == "check"] + [
                 ("group", c, g, dev) for c in cases for g in groups for dev in args.devices]
         measurements, checks = [], {}
         done = []

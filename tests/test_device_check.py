@@ -78,7 +78,7 @@ def test_a_failing_step_fails_the_check_and_still_packs(tmp_path):
 # connected-components-3d, monai, scipy and tqdm). scipy is blocked too: ../shared's own
 # fetch-wheels.sh does not carry it.
 NOT_ON_THE_GPU_MACHINE = ("scipy", "matplotlib", "nibabel", "nnunetv2", "asv", "asv_runner", "expecttest",
-                          "ccmetrics", "mutmut")
+                          "ccmetrics", "mutmut", "hypothesis", "torchvision")
 
 
 def test_cuda_tests_collect_with_only_the_gpu_machines_packages():
@@ -91,8 +91,7 @@ def test_cuda_tests_collect_with_only_the_gpu_machines_packages():
         "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-m', 'cuda', 'tests']))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "error" not in r.stdout.lower().splitlines()[-1], r.stdout[-2000:]
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]  # 2: a collection error, 5: nothing selected
     assert re.search(r"test_cuda\.py::", r.stdout), r.stdout[-2000:]
 
 

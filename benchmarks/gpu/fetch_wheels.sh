@@ -15,20 +15,21 @@
 # ../shared/device/fetch-wheels.sh fetches matplotlib and its dependencies (plots; the check runs
 # with --no-plots) and nibabel (label files) instead of scipy, and the working tree, the carried
 # folder included, may be at most 64 MiB: with scipy's 35 MB next to them it would not fit.
-# This folder is emptied first, so nothing else travels along.
+# This folder is emptied first, so nothing else travels along. scipy < 1.18: 1.17 runs with numpy
+# 1.26.4 to 2.x, 1.18 needs numpy >= 2.0, and the machine's numpy version is not known here.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=${PYTHON:-python3}
-mkdir -p .whl
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+mkdir -p .whl  # .gitignore ignores it
 rm -f .whl/*.whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl connected-components-3d monai scipy tqdm "$@"
+  -d .whl connected-components-3d monai "scipy<1.18" tqdm "$@"
 ls -1 .whl
 # what travels: tracked and untracked files that git does not ignore, plus this folder
-tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null \
+# (a tracked file deleted from the working tree does not travel: stat skips it)
+tree_bytes=$( { git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null || true; } \
   | awk '{ s += $1 } END { print s + 0 }')
 whl_bytes=$(du -sb .whl | cut -f1)
 total_mib=$(( (tree_bytes + whl_bytes) / 1048576 ))

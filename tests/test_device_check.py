@@ -40,7 +40,8 @@ def test_dry_run_packs_one_archive_and_a_summary(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["device_check.tar.gz", "summary.md"]
     names, steps = _steps(out / "device_check.tar.gz")
-    assert set(steps) == {"env", "build", "imports", "tests-default", "tests-all", "sanitize-cpu", "prepare", "profile", "command"}
+    assert set(steps) == {"env", "build", "imports", "tests-default", "tests-all", "sanitize-cpu", "prepare", "profile",
+                          "command"}
     assert set(steps.values()) == {"0"}
     for f in ("summary.md", "profile_calls.json", "command/run/result.json", "tests-default.xml", "tests-all.xml",
               "sanitize-cpu.log", "env.log", "imports.log"):
